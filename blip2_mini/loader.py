@@ -1,0 +1,325 @@
+"""Load an official BLIP-2 checkpoint directory into blip2_mini's modules.
+
+A published checkpoint (e.g. Salesforce/blip2-opt-2.7b, as `hf download` writes it) is a directory with
+`config.json`, the weights (one `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed in
+`model.safetensors.index.json`, or the older `pytorch_model.bin` files), and processor/tokenizer files.
+
+The weight names are those of the reference implementation. blip2_mini's modules use shorter names, and the
+translation is the single table `KEY_MAP` below: read it to see where every official tensor goes. `{}` stands
+for a layer index; `.weight`/`.bias` suffixes carry over unchanged. The few tensors that are not a plain
+rename are handled by named special cases in `_special_case`:
+- the ViT's fused `qkv.bias` (3*Dv, with zeros for k) becomes `q_bias` and `v_bias`; the original LAVIS form
+  stores `q_bias`/`v_bias` already;
+- tied copies (OPT's `lm_head.weight`, T5's `encoder/decoder.embed_tokens.weight`) duplicate a tensor we
+  already load, and are skipped;
+- non-persistent buffers that older files carry (`position_ids`) are skipped.
+
+Loading is strict: every parameter must receive exactly one tensor of the right shape, else one error lists
+what is missing, unexpected or mismatched. (The reference silently initialises missing weights at random.)
+It is also frugal: the model is created on the `meta` device (no memory), and each tensor is read from the
+memory-mapped file, cast to its target dtype and moved to the target device one at a time, so peak memory
+is about the loaded model's size and a GPU user never holds a CPU copy of the whole model.
+"""
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+from .config import Blip2Config, ConfigError
+from .model import Blip2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says what is wrong and what to do."""
+
+
+# official name (without .weight/.bias)                        -> blip2_mini name
+KEY_MAP = {
+    # frozen image encoder (vit.py, patch_embed.py)
+    "vision_model.embeddings.class_embedding":                     "vision_model.embeddings.class_embedding",
+    "vision_model.embeddings.position_embedding":                  "vision_model.embeddings.position_embedding",
+    "vision_model.embeddings.patch_embedding":                     "vision_model.embeddings.patch_embedding",
+    "vision_model.encoder.layers.{}.layer_norm1":                  "vision_model.layers.{}.norm1",
+    "vision_model.encoder.layers.{}.self_attn.qkv":                "vision_model.layers.{}.attn.qkv",
+    "vision_model.encoder.layers.{}.self_attn.projection":         "vision_model.layers.{}.attn.projection",
+    "vision_model.encoder.layers.{}.layer_norm2":                  "vision_model.layers.{}.norm2",
+    "vision_model.encoder.layers.{}.mlp.fc1":                      "vision_model.layers.{}.mlp.fc1",
+    "vision_model.encoder.layers.{}.mlp.fc2":                      "vision_model.layers.{}.mlp.fc2",
+    "vision_model.post_layernorm":                                 "vision_model.post_layernorm",
+    # Q-Former (qformer.py): BERT's nested names flattened
+    "query_tokens":                                                "query_tokens",
+    "qformer.layernorm":                                           "qformer.layernorm",
+    "qformer.encoder.layer.{}.attention.attention.query":          "qformer.layers.{}.self_attn.query",
+    "qformer.encoder.layer.{}.attention.attention.key":            "qformer.layers.{}.self_attn.key",
+    "qformer.encoder.layer.{}.attention.attention.value":          "qformer.layers.{}.self_attn.value",
+    "qformer.encoder.layer.{}.attention.output.dense":             "qformer.layers.{}.self_attn.dense",
+    "qformer.encoder.layer.{}.attention.output.LayerNorm":         "qformer.layers.{}.self_attn.norm",
+    "qformer.encoder.layer.{}.crossattention.attention.query":     "qformer.layers.{}.cross_attn.query",
+    "qformer.encoder.layer.{}.crossattention.attention.key":       "qformer.layers.{}.cross_attn.key",
+    "qformer.encoder.layer.{}.crossattention.attention.value":     "qformer.layers.{}.cross_attn.value",
+    "qformer.encoder.layer.{}.crossattention.output.dense":        "qformer.layers.{}.cross_attn.dense",
+    "qformer.encoder.layer.{}.crossattention.output.LayerNorm":    "qformer.layers.{}.cross_attn.norm",
+    "qformer.encoder.layer.{}.intermediate_query.dense":           "qformer.layers.{}.ffn_query.fc1",
+    "qformer.encoder.layer.{}.output_query.dense":                 "qformer.layers.{}.ffn_query.fc2",
+    "qformer.encoder.layer.{}.output_query.LayerNorm":             "qformer.layers.{}.ffn_query.norm",
+    "qformer.encoder.layer.{}.intermediate.dense":                 "qformer.layers.{}.ffn_text.fc1",
+    "qformer.encoder.layer.{}.output.dense":                       "qformer.layers.{}.ffn_text.fc2",
+    "qformer.encoder.layer.{}.output.LayerNorm":                   "qformer.layers.{}.ffn_text.norm",
+    "embeddings.word_embeddings":                                  "qformer.embeddings.word_embeddings",
+    "embeddings.position_embeddings":                              "qformer.embeddings.position_embeddings",
+    # retrieval heads (blip2-itm-vit-g)
+    "vision_projection":                                           "vision_projection",
+    "text_projection":                                             "text_projection",
+    "itm_head":                                                    "itm_head",
+    # projection into the language model (model.py)
+    "language_projection":                                         "language_projection",
+    # OPT (opt.py)
+    "language_model.model.decoder.embed_tokens":                   "language_model.embed_tokens",
+    "language_model.model.decoder.embed_positions":                "language_model.embed_positions",
+    "language_model.model.decoder.layers.{}.self_attn_layer_norm": "language_model.layers.{}.self_attn_norm",
+    "language_model.model.decoder.layers.{}.self_attn.q_proj":     "language_model.layers.{}.self_attn.q_proj",
+    "language_model.model.decoder.layers.{}.self_attn.k_proj":     "language_model.layers.{}.self_attn.k_proj",
+    "language_model.model.decoder.layers.{}.self_attn.v_proj":     "language_model.layers.{}.self_attn.v_proj",
+    "language_model.model.decoder.layers.{}.self_attn.out_proj":   "language_model.layers.{}.self_attn.out_proj",
+    "language_model.model.decoder.layers.{}.final_layer_norm":     "language_model.layers.{}.ffn_norm",
+    "language_model.model.decoder.layers.{}.fc1":                  "language_model.layers.{}.fc1",
+    "language_model.model.decoder.layers.{}.fc2":                  "language_model.layers.{}.fc2",
+    "language_model.model.decoder.final_layer_norm":               "language_model.final_norm",
+    # Flan-T5 (t5.py): T5's numbered sub-layers get names. Encoder blocks have layer.0 = self-attention and
+    # layer.1 = feed-forward; decoder blocks insert cross-attention as layer.1, so their feed-forward is layer.2.
+    "language_model.shared":                                       "language_model.shared",
+    "language_model.lm_head":                                      "language_model.lm_head",
+    "language_model.{}.block.{}.layer.0.layer_norm":               "language_model.{}.layers.{}.self_attn_norm",
+    "language_model.{}.block.{}.layer.0.SelfAttention.q":          "language_model.{}.layers.{}.self_attn.q",
+    "language_model.{}.block.{}.layer.0.SelfAttention.k":          "language_model.{}.layers.{}.self_attn.k",
+    "language_model.{}.block.{}.layer.0.SelfAttention.v":          "language_model.{}.layers.{}.self_attn.v",
+    "language_model.{}.block.{}.layer.0.SelfAttention.o":          "language_model.{}.layers.{}.self_attn.o",
+    "language_model.{}.block.0.layer.0.SelfAttention.relative_attention_bias":
+                                                "language_model.{}.layers.0.self_attn.relative_attention_bias",
+    "language_model.encoder.block.{}.layer.1.layer_norm":          "language_model.encoder.layers.{}.ffn_norm",
+    "language_model.encoder.block.{}.layer.1.DenseReluDense.wi_0": "language_model.encoder.layers.{}.ffn.wi_0",
+    "language_model.encoder.block.{}.layer.1.DenseReluDense.wi_1": "language_model.encoder.layers.{}.ffn.wi_1",
+    "language_model.encoder.block.{}.layer.1.DenseReluDense.wo":   "language_model.encoder.layers.{}.ffn.wo",
+    "language_model.decoder.block.{}.layer.1.layer_norm":          "language_model.decoder.layers.{}.cross_attn_norm",
+    "language_model.decoder.block.{}.layer.1.EncDecAttention.q":   "language_model.decoder.layers.{}.cross_attn.q",
+    "language_model.decoder.block.{}.layer.1.EncDecAttention.k":   "language_model.decoder.layers.{}.cross_attn.k",
+    "language_model.decoder.block.{}.layer.1.EncDecAttention.v":   "language_model.decoder.layers.{}.cross_attn.v",
+    "language_model.decoder.block.{}.layer.1.EncDecAttention.o":   "language_model.decoder.layers.{}.cross_attn.o",
+    "language_model.decoder.block.{}.layer.2.layer_norm":          "language_model.decoder.layers.{}.ffn_norm",
+    "language_model.decoder.block.{}.layer.2.DenseReluDense.wi_0": "language_model.decoder.layers.{}.ffn.wi_0",
+    "language_model.decoder.block.{}.layer.2.DenseReluDense.wi_1": "language_model.decoder.layers.{}.ffn.wi_1",
+    "language_model.decoder.block.{}.layer.2.DenseReluDense.wo":   "language_model.decoder.layers.{}.ffn.wo",
+    "language_model.{}.final_layer_norm":                          "language_model.{}.final_norm",
+}
+
+# Checkpoint tensors that duplicate one we load, or buffers we recompute: T5's encoder/decoder `embed_tokens`
+# are its `shared` table, and OPT's `lm_head` is its input embedding (opt.py computes the logits from
+# `embed_tokens`). T5's `lm_head` is loaded: Flan-T5's head is untied (see `_tie_t5_head` when it is absent).
+SKIPPED = re.compile(r"^(language_model\.(encoder|decoder)\.embed_tokens\.weight|(qformer\.)?embeddings\.position_ids)$")
+OPT_TIED_HEAD = "language_model.lm_head.weight"
+
+# Stages the reference (and the paper) keep in fp32 whatever dtype the rest uses: the Q-Former is small and
+# sensitive, and T5's FFN output projection overflows in fp16 (Flan-T5 was trained in bf16).
+KEEP_FP32 = ("query_tokens", "qformer.", "language_model.encoder.layers.*.ffn.wo", "language_model.decoder.layers.*.ffn.wo")
+
+
+def _compile(pattern: str) -> re.Pattern:
+    # "{}" matches a layer index or, for T5, the stack name; the optional suffix is .weight / .bias.
+    return re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+|encoder|decoder)") + r"(\.weight|\.bias)?$")
+
+
+_RULES = [(_compile(src), dst) for src, dst in KEY_MAP.items()]
+
+
+def official_to_ours(name: str) -> str | None:
+    """Translate one official tensor name into blip2_mini's name (None if KEY_MAP has no rule for it)."""
+    for pattern, dst in _RULES:
+        m = pattern.match(name)
+        if m:
+            *indices, suffix = m.groups()
+            return dst.format(*indices) + (suffix or "")
+    return None
+
+
+# ---- reading the files -----------------------------------------------------------------------------------
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in the official precedence order."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = directory / index_name
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index_path}: not a valid index file ({e.__class__.__name__}); "
+                                      "re-download it") from None
+            files = [directory / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{directory}: the index names {len(missing)} shard(s) that are not there "
+                                      f"({', '.join(missing[:3])}); the download is incomplete, download it again")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).exists():
+            return [directory / single]
+    raise CheckpointError(f"{directory}: no weights found (expected model.safetensors, sharded "
+                          "model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
+
+
+def iter_tensors(path: Path, device):
+    """Yield (name, tensor) from one weight file, one tensor at a time. Safetensors files are memory-mapped
+    and read straight to `device`; .bin files are opened with weights_only=True (no arbitrary unpickling)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e}); download it again") from None
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated zip, or a pickle with non-tensor objects (refused by weights_only)
+        raise CheckpointError(f"{path}: cannot read it safely ({str(e).splitlines()[0][:200]}); "
+                              "download it again or convert it to safetensors") from None
+    for name, tensor in state.items():
+        yield name, tensor.to(device)
+
+
+# ---- the special cases -----------------------------------------------------------------------------------
+
+
+def _tie_t5_head(filled: dict):
+    """Files written by transformers 5 store no T5 `lm_head` (they tie it to `shared`); published Flan-T5 files
+    store their own. Either way blip2_mini's head is a module of its own: here it shares the `shared` tensor."""
+    if "language_model.shared.weight" in filled:
+        filled["language_model.lm_head.weight"] = filled["language_model.shared.weight"]
+
+
+def _special_case(name: str, tensor: torch.Tensor):
+    """Tensors that are not a plain rename: return a list of (our name, tensor), or None if not special."""
+    m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$", name)
+    if m:  # fused [q_bias, 0, v_bias] -> two vectors; a non-zero k part cannot be represented, so refuse it
+        q, k, v = tensor.chunk(3)
+        if bool(k.ne(0).any()):
+            raise CheckpointError(f"{name}: the k part of the fused qkv bias is not zero; the EVA ViT has no "
+                                  "k bias, so this is not a BLIP-2 vision encoder checkpoint")
+        prefix = f"vision_model.layers.{m.group(1)}.attn."
+        return [(prefix + "q_bias", q), (prefix + "v_bias", v)]
+    m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_bias|v_bias)$", name)
+    if m:  # the original LAVIS form keeps the two biases separate
+        return [(f"vision_model.layers.{m.group(1)}.attn.{m.group(2)}", tensor)]
+    return None
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+
+def target_dtype(name: str, dtype: torch.dtype, dtype_policy: dict | None) -> torch.dtype:
+    """The dtype parameter `name` is stored in: an explicit `dtype_policy` entry ({"vision_model": bf16, ...},
+    longest matching prefix wins), else fp32 for the KEEP_FP32 stages when `dtype` is half, else `dtype`."""
+    if dtype_policy:
+        matches = [p for p in dtype_policy if name == p or name.startswith(p.rstrip(".") + ".")]
+        if matches:
+            return dtype_policy[max(matches, key=len)]
+    if dtype in (torch.float16, torch.bfloat16):
+        for keep in KEEP_FP32:
+            if re.match(re.escape(keep).replace(r"\*", r"\d+"), name):
+                return torch.float32
+    return dtype
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: dict | None = None,
+               progress: bool = True) -> Blip2:
+    """Build a Blip2 from a checkpoint directory. See `load` for the arguments."""
+    directory = Path(path)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such directory; download a checkpoint (see weights/README.md)")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: is a file; pass the checkpoint *directory* (the one with config.json)")
+    try:
+        config = Blip2Config.from_json_file(directory / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = weight_files(directory)
+    device = torch.device(device)
+
+    with torch.device("meta"):  # the skeleton costs no memory; every tensor is filled from the file below
+        model = Blip2(config)
+    expected = dict(model.named_parameters())
+    filled: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    total_bytes = sum(f.stat().st_size for f in files)
+    read_bytes, start = 0, time.time()
+
+    for file in files:
+        for name, tensor in iter_tensors(file, device):
+            if SKIPPED.match(name) or (name == OPT_TIED_HEAD and config.use_decoder_only_language_model):
+                continue
+            renamed = _special_case(name, tensor)
+            if renamed is None:
+                ours = official_to_ours(name)
+                renamed = [(ours, tensor)] if ours in expected else []
+            if not renamed:
+                unexpected.append(name)
+                continue
+            for ours, t in renamed:
+                if tuple(t.shape) != tuple(expected[ours].shape):
+                    mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[ours].shape)}")
+                elif ours in filled:
+                    unexpected.append(f"{name} (a second tensor for {ours})")
+                else:
+                    filled[ours] = t.to(target_dtype(ours, dtype, dtype_policy))
+        read_bytes += file.stat().st_size
+        if progress:
+            _report_progress(directory.name, read_bytes, total_bytes, start)
+
+    if model.is_encoder_decoder and "language_model.lm_head.weight" not in filled:
+        _tie_t5_head(filled)
+    missing = [name for name in expected if name not in filled]
+    if missing or unexpected or mismatched:
+        problems = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                problems.append(f"{len(items)} {label} ({'; '.join(items[:4])}{', ...' if len(items) > 4 else ''})")
+        raise CheckpointError(f"{directory}: checkpoint does not match its config.json: " + ", ".join(problems))
+
+    for name, tensor in filled.items():  # swap each meta parameter for its loaded tensor
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+    return model.eval()
+
+
+def _report_progress(name, done, total, start):
+    width, frac = 30, done / max(total, 1)
+    bar = "#" * int(width * frac) + "." * (width - int(width * frac))
+    end = "\n" if done >= total else ""
+    print(f"\rloading {name} [{bar}] {done / 1e9:.2f}/{total / 1e9:.2f} GB {time.time() - start:.0f}s",
+          end=end, file=sys.stderr, flush=True)
+
+
+def load(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: dict | None = None,
+         progress: bool = True):
+    """Load an official BLIP-2 checkpoint directory: returns (model, processor).
+
+    dtype         the dtype of the weights in memory (float32, bfloat16, float16). With a half dtype the
+                  Q-Former (and Flan-T5's FFN output projection) stay fp32, as in the reference; Flan-T5 in
+                  float16 is still not safe (it was trained in bf16): prefer bfloat16 for it.
+    device        any torch device; tensors are read straight onto it.
+    dtype_policy  per-stage dtypes by name prefix, e.g. {"vision_model": torch.bfloat16, "qformer":
+                  torch.float32, "language_model": torch.bfloat16}; overrides `dtype` where it matches.
+    progress      show a progress bar on stderr while reading the weights.
+    """
+    from .processing import Blip2Processor  # here, not at the top: the processor is not needed for load_model
+
+    model = load_model(path, dtype=dtype, device=device, dtype_policy=dtype_policy, progress=progress)
+    processor = Blip2Processor.from_pretrained(path)
+    return model, processor

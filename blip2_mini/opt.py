@@ -1,0 +1,147 @@
+"""Stage 4 (decoder-only family): the frozen OPT language model (Zhang et al., 2022), with a KV cache.
+
+BLIP-2 feeds OPT the projected queries as a soft visual prompt followed by the text prompt, and OPT continues
+the text (section 3.3, Fig. 3 top). OPT is a GPT-style decoder:
+
+    x = token embedding + learned position embedding
+    for each layer:  x = x + SelfAttention(LN(x)) (causal);  x = x + fc2(relu(fc1(LN(x))))
+    logits = LN(x) @ token_embedding^T                        (the output head is tied to the input embedding)
+
+What is unusual here:
+- Position embeddings have an offset of 2: row p+2 of the table holds position p (a leftover of fairseq's
+  padding convention). Positions are counted from the attention mask (cumulative sum), not from the index, so
+  a left-padded prompt starts at position 0 on its first real token: that is what makes batched generation
+  with left padding give the same tokens as each prompt alone.
+- Generation reuses keys/values: `KVCache` keeps every layer's K and V, so each new token costs one row of
+  attention instead of recomputing the whole prefix (the "naive" decoder in decode.py shows the equivalence).
+
+Notation: B batch, T new tokens this call, S = past + T total tokens, D = Dlm width, nh heads, hs head size,
+V vocabulary.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attend, bias_from_allowed, merge_heads, split_heads
+from .config import OPTConfig
+
+POSITION_OFFSET = 2
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: lists of (B, nh, S, hs) tensors."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append this call's k, v (B, nh, T, hs) for `layer`; return all of them so far (B, nh, S, hs)."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def reorder(self, index: torch.Tensor):
+        """Keep batch rows `index` (beam search picks which hypotheses survive, possibly several times)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        D, bias = config.hidden_size, config.enable_bias
+        self.num_heads = config.num_attention_heads
+        self.q_proj = nn.Linear(D, D, bias=bias)
+        self.k_proj = nn.Linear(D, D, bias=bias)
+        self.v_proj = nn.Linear(D, D, bias=bias)
+        self.out_proj = nn.Linear(D, D, bias=bias)
+
+    def forward(self, x, bias, cache: KVCache | None, layer_idx: int):
+        q = split_heads(self.q_proj(x), self.num_heads)  # (B, nh, T, hs)
+        k = split_heads(self.k_proj(x), self.num_heads)
+        v = split_heads(self.v_proj(x), self.num_heads)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, nh, S, hs): past and new
+        return self.out_proj(merge_heads(attend(q, k, v, bias)))  # (B, T, D)
+
+
+class OPTBlock(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        D, affine = config.hidden_size, config.layer_norm_elementwise_affine
+        self.self_attn_norm = nn.LayerNorm(D, elementwise_affine=affine)
+        self.self_attn = OPTAttention(config)
+        self.ffn_norm = nn.LayerNorm(D, elementwise_affine=affine)
+        self.fc1 = nn.Linear(D, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, D, bias=config.enable_bias)
+
+    def forward(self, x, bias, cache, layer_idx):
+        x = x + self.self_attn(self.self_attn_norm(x), bias, cache, layer_idx)
+        return x + self.fc2(F.relu(self.fc1(self.ffn_norm(x))))  # (B, T, D) -> (B, T, ffn_dim) -> (B, T, D)
+
+
+class OPT(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        if config.activation_function != "relu":
+            raise ValueError(f"OPT: activation {config.activation_function!r} is not supported (OPT uses 'relu')")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"OPT: hidden_size {config.hidden_size} is not divisible by "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.config = config
+        D = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, D)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, D)
+        self.layers = nn.ModuleList([OPTBlock(config) for _ in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=config.layer_norm_elementwise_affine)
+        # Tied head: the logits are scores against the input embedding table itself.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(D, config.vocab_size, bias=False)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    def forward(self, inputs_embeds, attention_mask=None, cache: KVCache | None = None,
+                output_hidden_states=False):
+        """inputs_embeds (B, T, D) for the new tokens; attention_mask (B, S) over past + new tokens (1 real,
+        0 padding; None = all real). Returns logits (B, T, V); the cache, if given, is extended in place.
+        With `output_hidden_states`, also returns the list of the embeddings and every layer's output."""
+        B, T, D = inputs_embeds.shape
+        if D != self.embed_tokens.embedding_dim:
+            raise ValueError(f"OPT: expected inputs_embeds of width {self.embed_tokens.embedding_dim}, got {D}")
+        past = cache.seq_len if cache is not None else 0
+        S = past + T
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"OPT: attention_mask must cover past + new tokens: expected {(B, S)}, "
+                             f"got {tuple(attention_mask.shape)}")
+
+        # Position of each token = number of real tokens up to and including it, minus one (padding -> -1).
+        positions = (attention_mask.cumsum(dim=1) * attention_mask - 1)[:, past:]  # (B, T)
+        x = inputs_embeds + self.embed_positions(positions + POSITION_OFFSET).to(inputs_embeds.dtype)
+
+        # Causal + padding mask: new token i (absolute index past+i) sees real tokens j <= past+i. Each token
+        # also sees itself, so that padding rows (whose outputs are never used) never get an all-masked softmax.
+        query_idx = torch.arange(past, S, device=x.device)[:, None]  # (T, 1)
+        key_idx = torch.arange(S, device=x.device)[None, :]  # (1, S)
+        allowed = (key_idx <= query_idx) & attention_mask[:, None, :].bool()  # (B, T, S)
+        allowed = allowed | (key_idx == query_idx)
+        bias = bias_from_allowed(allowed[:, None], x.dtype)  # (B, 1, T, S)
+
+        hidden_states = [x]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, bias, cache, i)
+            hidden_states.append(x)
+        x = self.final_norm(x)
+        logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
+        return (logits, hidden_states) if output_hidden_states else logits
