@@ -164,8 +164,6 @@ class Blip2Config:
             raise ConfigError(f"{source}: text_config.model_type {text_type!r} is not supported (expected 'opt' or 't5')")
 
         top = {k: raw[k] for k in ("num_query_tokens", "image_text_hidden_size", "image_token_index") if k in raw}
-        if "num_query_tokens" not in top:
-            raise ConfigError(f"{source}: missing field 'num_query_tokens'")
         return cls(vision_config=vision, qformer_config=qformer, text_config=text_config, **top)
 
     def to_dict(self) -> dict:
@@ -186,17 +184,20 @@ class Blip2Config:
 
 
 def _build(cls, section: dict | None, where: str):
-    """Fill dataclass `cls` from a config.json section: known fields are taken, missing ones must have defaults
-    that the reference also uses. A section that is absent entirely is an error: the stage cannot be sized."""
+    """Fill dataclass `cls` from a config.json section. Published files are terse: they list only the fields
+    that differ from the reference's defaults (blip2-itm-vit-g's vision_config is just its model_type). Our
+    vision and Q-Former defaults are the reference's (they are the published ViT-g and Q-Former sizes), so
+    absent fields fall back to them. Language-model sizes must be written out: the reference's OPT/T5
+    defaults are other models (opt-125m, t5-small) than the ones BLIP-2 uses."""
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: missing (a BLIP-2 config.json has vision_config, qformer_config, text_config)")
+    section = dict(section)
+    if "qformer_text_input" in section:  # the name older retrieval configs used
+        section.setdefault("use_qformer_text_input", section.pop("qformer_text_input"))
     known = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in section.items() if k in known}
-    # Sizes must be present; everything else falls back to the reference default.
-    required = {"VisionConfig": ("hidden_size", "num_hidden_layers", "num_attention_heads"),
-                "QFormerConfig": ("hidden_size", "num_hidden_layers", "num_attention_heads"),
-                "OPTConfig": ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),
-                "T5Config": ("d_model", "num_layers", "num_heads", "vocab_size")}[cls.__name__]
+    required = {"OPTConfig": ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size"),
+                "T5Config": ("d_model", "d_ff", "num_layers", "num_heads", "vocab_size")}.get(cls.__name__, ())
     for name in required:
         if name not in kwargs:
             raise ConfigError(f"{where}: missing field {name!r}")
@@ -206,4 +207,6 @@ def _build(cls, section: dict | None, where: str):
             if h != w:
                 raise ConfigError(f"{where}: non-square {key} {kwargs[key]} is not supported")
             kwargs[key] = h
+    if kwargs.get("num_decoder_layers", 0) is None:  # T5: None means "as many as the encoder"
+        kwargs["num_decoder_layers"] = kwargs["num_layers"]
     return cls(**kwargs)

@@ -273,6 +273,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
             for ours, t in renamed:
                 if tuple(t.shape) != tuple(expected[ours].shape):
                     mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[ours].shape)}")
+                    filled[ours] = None  # reported as a mismatch, not also as missing
                 elif ours in filled:
                     unexpected.append(f"{name} (a second tensor for {ours})")
                 else:
@@ -284,6 +285,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
     if model.is_encoder_decoder and "language_model.lm_head.weight" not in filled:
         _tie_t5_head(filled)
     missing = [name for name in expected if name not in filled]
+    filled = {name: t for name, t in filled.items() if t is not None}
     if missing or unexpected or mismatched:
         problems = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):

@@ -1,0 +1,233 @@
+"""Loading official checkpoint layouts, strictly, and the one-line errors for every way a directory can be wrong.
+
+The variants (.bin files, fp16 storage, LAVIS-style biases, broken files) are written at test time from the
+reference-built fixture checkpoint, so the default run needs no transformers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from blip2_mini.loader import CheckpointError, KEY_MAP, load_model, official_to_ours
+
+FIXTURES = Path(__file__).parent / "fixtures" / "model"
+BASE = FIXTURES / "opt-base"
+
+
+def reference_logits(name="opt-base"):
+    stored = load_file(FIXTURES / name / "reference.safetensors")
+    return stored["input.pixel_values"], stored["input.input_ids"], stored["input.attention_mask"], \
+        stored["output.logits"]
+
+
+def max_logit_error(model, name="opt-base"):
+    pixel_values, ids, mask, expected = reference_logits(name)
+    with torch.no_grad():
+        logits = model(pixel_values, ids, mask)
+    return ((logits.float() - expected).abs() * mask[..., None]).max().item()
+
+
+def copy_checkpoint(tmp_path, src=BASE):
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_line(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_key_map_translates_every_stage():
+    assert official_to_ours("vision_model.encoder.layers.12.mlp.fc1.weight") == "vision_model.layers.12.mlp.fc1.weight"
+    assert official_to_ours("qformer.encoder.layer.3.crossattention.output.LayerNorm.bias") == \
+        "qformer.layers.3.cross_attn.norm.bias"
+    assert official_to_ours("language_model.decoder.block.5.layer.2.DenseReluDense.wo.weight") == \
+        "language_model.decoder.layers.5.ffn.wo.weight"
+    assert official_to_ours("language_model.encoder.block.5.layer.1.DenseReluDense.wo.weight") == \
+        "language_model.encoder.layers.5.ffn.wo.weight"
+    assert official_to_ours("language_model.model.decoder.layers.31.final_layer_norm.weight") == \
+        "language_model.layers.31.ffn_norm.weight"
+    assert official_to_ours("something.else.weight") is None
+    assert len(KEY_MAP) > 50
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    directory = FIXTURES / "opt-odd-heads-freq3-interp"
+    assert len(list(directory.glob("model-*-of-*.safetensors"))) > 1
+    load_model(directory, progress=False)  # strict: every parameter filled, nothing left over
+
+
+def test_pytorch_model_bin_single_and_sharded(tmp_path):
+    state = load_file(BASE / "model.safetensors")
+    single = copy_checkpoint(tmp_path)
+    (single / "model.safetensors").unlink()
+    torch.save(state, single / "pytorch_model.bin")
+    assert max_logit_error(load_model(single, progress=False)) < 1e-5
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(BASE / "config.json", sharded)
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    weight_map = {}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, sharded / file)
+        weight_map.update({k: file for k in keys})
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert max_logit_error(load_model(sharded, progress=False)) < 1e-5
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_half_precision_storage_loads_into_fp32(tmp_path, stored):
+    directory = copy_checkpoint(tmp_path)
+    state = {k: v.to(stored) for k, v in load_file(BASE / "model.safetensors").items()}
+    save_file(state, directory / "model.safetensors")
+    model = load_model(directory, dtype=torch.float32, progress=False)
+    assert model.vision_model.layers[0].mlp.fc1.weight.dtype == torch.float32
+    w = model.language_projection.weight
+    assert torch.equal(w, state["language_projection.weight"].float())  # exactly the stored values
+    assert max_logit_error(model) < 0.1 * reference_logits()[3].abs().max().item()  # rounding of the weights only
+
+
+def test_dtype_policy_per_stage():
+    policy = {"vision_model": torch.bfloat16, "language_model": torch.bfloat16}
+    model = load_model(BASE, dtype=torch.float32, dtype_policy=policy, progress=False)
+    assert model.vision_model.layers[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert model.qformer.layers[0].self_attn.query.weight.dtype == torch.float32
+    assert model.language_projection.weight.dtype == torch.float32
+    assert model.language_model.layers[0].fc1.weight.dtype == torch.bfloat16
+    # the stage boundaries cast, so a mixed model runs and stays close to the fp32 reference
+    assert max_logit_error(model) < 0.05 * reference_logits()[3].abs().max().item()
+
+
+def test_half_dtype_keeps_qformer_fp32_like_the_reference():
+    model = load_model(FIXTURES / "t5-base", dtype=torch.float16, progress=False)
+    assert model.qformer.layers[0].self_attn.query.weight.dtype == torch.float32
+    assert model.query_tokens.dtype == torch.float32
+    assert model.language_model.encoder.layers[0].ffn.wo.weight.dtype == torch.float32  # T5 overflows otherwise
+    assert model.language_model.encoder.layers[0].ffn.wi_0.weight.dtype == torch.float16
+
+
+def test_lavis_style_separate_q_and_v_biases(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    state = load_file(BASE / "model.safetensors")
+    for key in [k for k in state if k.endswith("self_attn.qkv.bias")]:
+        q, _, v = state.pop(key).chunk(3)
+        state[key.replace("qkv.bias", "q_bias")] = q.clone()
+        state[key.replace("qkv.bias", "v_bias")] = v.clone()
+    save_file(state, directory / "model.safetensors")
+    assert max_logit_error(load_model(directory, progress=False)) < 1e-5
+
+
+# ---- every way a directory can be wrong: one line each -------------------------------------------------
+
+
+def test_missing_directory_and_file_instead_of_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory.*weights/README.md") as e:
+        load_model(tmp_path / "nope")
+    one_line(e)
+    with pytest.raises(CheckpointError, match="is a file") as e:
+        load_model(BASE / "config.json")
+    one_line(e)
+
+
+def test_directory_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json here") as e:
+        load_model(tmp_path)
+    one_line(e)
+
+
+def test_config_of_another_architecture(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"] = "instructblip"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'instructblip'.*not supported") as e:
+        load_model(directory)
+    one_line(e)
+
+
+def test_config_missing_a_field(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    del config["text_config"]["ffn_dim"]  # LM sizes must be given: the reference's OPT default is opt-125m
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="text_config: missing field 'ffn_dim'") as e:
+        load_model(directory)
+    one_line(e)
+
+
+def test_no_weights(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights found") as e:
+        load_model(directory)
+    one_line(e)
+
+
+def test_missing_shard(tmp_path):
+    directory = copy_checkpoint(tmp_path, FIXTURES / "opt-odd-heads-freq3-interp")
+    next(directory.glob("model-00003-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="index names 1 shard.*not there.*model-00003") as e:
+        load_model(directory)
+    one_line(e)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_corrupt_safetensors(tmp_path, damage):
+    directory = copy_checkpoint(tmp_path)
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + data[20:])
+    with pytest.raises(CheckpointError, match="corrupt or truncated safetensors.*download it again") as e:
+        load_model(directory)
+    one_line(e)
+
+
+def test_bin_with_arbitrary_objects_is_refused(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    (directory / "model.safetensors").unlink()
+    state = dict(load_file(BASE / "model.safetensors"))
+    state["evil"] = Path("/")  # a pickled non-tensor object: weights_only refuses to unpickle it
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="cannot read it safely") as e:
+        load_model(directory)
+    one_line(e)
+
+
+def test_missing_unexpected_and_mismatched_keys_in_one_error(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    state = load_file(BASE / "model.safetensors")
+    del state["qformer.layernorm.weight"]
+    state["qformer.extra.weight"] = torch.zeros(3)
+    state["language_projection.bias"] = torch.zeros(7)
+    save_file(state, directory / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(directory)
+    message = one_line(e)
+    assert str(directory) in message
+    assert "1 missing (qformer.layernorm.weight)" in message
+    assert "1 unexpected (qformer.extra.weight)" in message
+    assert "1 shape mismatch (language_projection.bias: checkpoint (7,) vs model (32,))" in message
+
+
+def test_nonzero_k_bias_is_refused(tmp_path):
+    directory = copy_checkpoint(tmp_path)
+    state = load_file(BASE / "model.safetensors")
+    key = "vision_model.encoder.layers.0.self_attn.qkv.bias"
+    state[key] = torch.ones_like(state[key])
+    save_file(state, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match="k part of the fused qkv bias is not zero") as e:
+        load_model(directory)
+    one_line(e)
+
+
+def test_progress_is_reported_on_stderr(capsys):
+    load_model(BASE, progress=True)
+    err = capsys.readouterr().err
+    assert "loading opt-base [" in err and "GB" in err
