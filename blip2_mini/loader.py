@@ -121,11 +121,15 @@ KEY_MAP = {
 # Checkpoint tensors that duplicate one we load, or buffers we recompute: T5's encoder/decoder `embed_tokens`
 # are its `shared` table, and OPT's `lm_head` is its input embedding (opt.py computes the logits from
 # `embed_tokens`). T5's `lm_head` is loaded: Flan-T5's head is untied (see `_tie_t5_head` when it is absent).
-SKIPPED = re.compile(r"^(language_model\.(encoder|decoder)\.embed_tokens\.weight|(qformer\.)?embeddings\.position_ids)$")
+# Some T5 files also carry a relative-position table for the decoder's cross-attention, which T5 never uses.
+SKIPPED = re.compile(r"^(language_model\.(encoder|decoder)\.embed_tokens\.weight|(qformer\.)?embeddings\.position_ids"
+                     r"|language_model\.decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$")
 OPT_TIED_HEAD = "language_model.lm_head.weight"
 
-# Stages the reference (and the paper) keep in fp32 whatever dtype the rest uses: the Q-Former is small and
-# sensitive, and T5's FFN output projection overflows in fp16 (Flan-T5 was trained in bf16).
+# Stages kept in fp32 when the rest is loaded in float16, as the reference does: fp16's range (65504) is too
+# small for T5's FFN outputs (Flan-T5 was trained in bf16), and the Q-Former was trained in fp32. With bfloat16,
+# whose range is fp32's, the reference keeps nothing in fp32 and neither do we by default; the paper's layout
+# (Q-Former in fp32) is one `dtype_policy={"qformer": torch.float32, "query_tokens": torch.float32}` away.
 KEEP_FP32 = ("query_tokens", "qformer.", "language_model.encoder.layers.*.ffn.wo", "language_model.decoder.layers.*.ffn.wo")
 
 
@@ -224,12 +228,12 @@ def _special_case(name: str, tensor: torch.Tensor):
 
 def target_dtype(name: str, dtype: torch.dtype, dtype_policy: dict | None) -> torch.dtype:
     """The dtype parameter `name` is stored in: an explicit `dtype_policy` entry ({"vision_model": bf16, ...},
-    longest matching prefix wins), else fp32 for the KEEP_FP32 stages when `dtype` is half, else `dtype`."""
+    longest matching prefix wins), else fp32 for the KEEP_FP32 stages when `dtype` is float16, else `dtype`."""
     if dtype_policy:
         matches = [p for p in dtype_policy if name == p or name.startswith(p.rstrip(".") + ".")]
         if matches:
             return dtype_policy[max(matches, key=len)]
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype == torch.float16:
         for keep in KEEP_FP32:
             if re.match(re.escape(keep).replace(r"\*", r"\d+"), name):
                 return torch.float32
@@ -312,9 +316,9 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: d
          progress: bool = True):
     """Load an official BLIP-2 checkpoint directory: returns (model, processor).
 
-    dtype         the dtype of the weights in memory (float32, bfloat16, float16). With a half dtype the
-                  Q-Former (and Flan-T5's FFN output projection) stay fp32, as in the reference; Flan-T5 in
-                  float16 is still not safe (it was trained in bf16): prefer bfloat16 for it.
+    dtype         the dtype of the weights in memory (float32, bfloat16, float16). With float16 the Q-Former
+                  and Flan-T5's FFN output projections stay fp32, as in the reference; Flan-T5 in float16 is
+                  still not safe (it was trained in bf16): prefer bfloat16 for it.
     device        any torch device; tensors are read straight onto it.
     dtype_policy  per-stage dtypes by name prefix, e.g. {"vision_model": torch.bfloat16, "qformer":
                   torch.float32, "language_model": torch.bfloat16}; overrides `dtype` where it matches.

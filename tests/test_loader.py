@@ -95,8 +95,9 @@ def test_half_precision_storage_loads_into_fp32(tmp_path, stored):
 
 
 def test_dtype_policy_per_stage():
-    policy = {"vision_model": torch.bfloat16, "language_model": torch.bfloat16}
-    model = load_model(BASE, dtype=torch.float32, dtype_policy=policy, progress=False)
+    """The paper's layout: vision and LLM in half precision, the Q-Former (and projection) in fp32."""
+    policy = {"qformer": torch.float32, "query_tokens": torch.float32, "language_projection": torch.float32}
+    model = load_model(BASE, dtype=torch.bfloat16, dtype_policy=policy, progress=False)
     assert model.vision_model.layers[0].attn.qkv.weight.dtype == torch.bfloat16
     assert model.qformer.layers[0].self_attn.query.weight.dtype == torch.float32
     assert model.language_projection.weight.dtype == torch.float32
@@ -105,12 +106,15 @@ def test_dtype_policy_per_stage():
     assert max_logit_error(model) < 0.05 * reference_logits()[3].abs().max().item()
 
 
-def test_half_dtype_keeps_qformer_fp32_like_the_reference():
+def test_float16_keeps_qformer_and_t5_wo_fp32_like_the_reference():
     model = load_model(FIXTURES / "t5-base", dtype=torch.float16, progress=False)
     assert model.qformer.layers[0].self_attn.query.weight.dtype == torch.float32
     assert model.query_tokens.dtype == torch.float32
     assert model.language_model.encoder.layers[0].ffn.wo.weight.dtype == torch.float32  # T5 overflows otherwise
     assert model.language_model.encoder.layers[0].ffn.wi_0.weight.dtype == torch.float16
+    bf16 = load_model(FIXTURES / "t5-base", dtype=torch.bfloat16, progress=False)  # bf16 has fp32's range
+    assert bf16.qformer.layers[0].self_attn.query.weight.dtype == torch.bfloat16
+    assert bf16.language_model.encoder.layers[0].ffn.wo.weight.dtype == torch.bfloat16
 
 
 def test_lavis_style_separate_q_and_v_biases(tmp_path):
@@ -231,3 +235,23 @@ def test_progress_is_reported_on_stderr(capsys):
     load_model(BASE, progress=True)
     err = capsys.readouterr().err
     assert "loading opt-base [" in err and "GB" in err
+
+
+def test_t5_head_stored_separately_or_tied(tmp_path):
+    """Published Flan-T5 files store their own lm_head; files saved by transformers 5 tie it to `shared`."""
+    tied = load_model(FIXTURES / "t5-base", progress=False)
+    lm = tied.language_model
+    assert torch.equal(lm.lm_head.weight, lm.shared.weight)
+
+    directory = copy_checkpoint(tmp_path, FIXTURES / "t5-base")
+    state = load_file(FIXTURES / "t5-base" / "model.safetensors")
+    head = torch.randn_like(state["language_model.shared.weight"])
+    state["language_model.lm_head.weight"] = head
+    state["language_model.decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = torch.zeros(8, 3)
+    save_file(state, directory / "model.safetensors")
+    untied = load_model(directory, progress=False).language_model
+    assert torch.equal(untied.lm_head.weight, head) and not torch.equal(untied.shared.weight, head)
+    tokens = torch.tensor([[0, 5]])
+    encoded = torch.randn(1, 3, lm.shared.embedding_dim)
+    with torch.no_grad():  # the head really is the stored one: logits = decoder output @ head^T
+        assert not torch.allclose(untied.decode(tokens, encoded), lm.decode(tokens, encoded))

@@ -52,8 +52,8 @@ def test_stages_match_live_reference(config_id, tmp_path):
 
 
 def test_bf16_matches_reference_in_bf16(tmp_path):
-    """Both implementations in bf16 (the reference keeps its Q-Former in fp32, so do we): same logits within a
-    bf16 tolerance, and the same argmax at nearly every position."""
+    """Both implementations in bf16 (bf16 everywhere, the Q-Former too, in both): same logits within a bf16
+    tolerance, and the same argmax at nearly every position."""
     pytest.importorskip("transformers")
     from hf_models import build_reference, make_config, prompt_ids
 
