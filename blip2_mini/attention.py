@@ -7,7 +7,8 @@ Every transformer stage of BLIP-2 computes the same thing (Vaswani et al., 2017,
 and differs only in *where q, k, v come from* (self- vs cross-attention), in the scale (1/sqrt(hs) for the
 ViT, the Q-Former and OPT; T5 uses none, see t5.py) and in the additive `bias` (a padding or causal mask;
 T5 adds relative position biases). The projections live in each stage's file; this file holds the part
-they share: splitting heads, the scaled dot product, merging heads, and the masks.
+they share: splitting heads, the scaled dot product, merging heads, the masks, and the key/value cache
+that the language models keep while generating.
 
 Notation: B batch, T query length, S key/value length, nh heads, hs head size, D = nh * hs.
 """
@@ -57,3 +58,30 @@ def bias_from_allowed(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """Boolean `allowed` (..., T, S) -> additive bias: 0 where allowed, the dtype's minimum elsewhere."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: lists of (B, nh, S, hs) tensors."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append this call's k, v (B, nh, T, hs) for `layer`; return all of them so far (B, nh, S, hs)."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def reorder(self, index: torch.Tensor):
+        """Keep batch rows `index` (beam search picks which hypotheses survive, possibly several times)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]

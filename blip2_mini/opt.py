@@ -23,37 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attend, bias_from_allowed, merge_heads, split_heads
+from .attention import KVCache, attend, bias_from_allowed, merge_heads, split_heads
 from .config import OPTConfig
 
 POSITION_OFFSET = 2
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far: lists of (B, nh, S, hs) tensors."""
-
-    def __init__(self):
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    @property
-    def seq_len(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append this call's k, v (B, nh, T, hs) for `layer`; return all of them so far (B, nh, S, hs)."""
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
-
-    def reorder(self, index: torch.Tensor):
-        """Keep batch rows `index` (beam search picks which hypotheses survive, possibly several times)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
 
 
 class OPTAttention(nn.Module):

@@ -44,9 +44,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .attention import attend, bias_from_allowed, merge_heads, padding_bias, split_heads
+from .attention import KVCache, attend, bias_from_allowed, merge_heads, padding_bias, split_heads
 from .config import T5Config
-from .opt import KVCache
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
