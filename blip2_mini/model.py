@@ -92,12 +92,14 @@ class Blip2(nn.Module):
         """Place the projected queries (B, Q, Dlm) into the LLM input. Returns inputs_embeds (B, L, Dlm) and the
         attention mask (B, L), where L = T with `<image>` slots (current layout) or Q + T (older layout).
 
-        With no input_ids: plain captioning. The prompt is then what the checkpoint's processor would write
-        for an empty text: `<image>` x Q + BOS for OPT, `<image>` x Q alone for Flan-T5 (T5 has no BOS)."""
+        With no input_ids: plain captioning. The prompt is then what the checkpoint's processor writes for an
+        empty text: `<image>` x Q + BOS for OPT; `<image>` x Q + EOS for Flan-T5 (its tokenizer appends EOS to
+        every text, the empty one too; LAVIS fed T5 the same)."""
         B, Q, _ = visual_prompt.shape
         lm, cfg = self.language_model, self.config
         if input_ids is None:
-            start = [] if self.is_encoder_decoder else [cfg.text_config.bos_token_id]
+            text = cfg.text_config
+            start = [text.eos_token_id] if self.is_encoder_decoder else [text.bos_token_id]
             slots = [cfg.image_token_index] * Q if cfg.image_token_index is not None else []
             input_ids = torch.tensor([slots + start], device=visual_prompt.device).expand(B, -1)
         if input_ids.ndim != 2 or input_ids.shape[0] != B:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hf_models import REFERENCE_VERSION, build_reference, make_config, prompt_ids, reference_stages
+from hf_models import (GENERATION_CASES, REFERENCE_VERSION, build_reference, make_config, prompt_ids,
+                       reference_generate, reference_stages)
 
 OUT = Path(__file__).resolve().parents[1] / "fixtures" / "model"
 
@@ -52,9 +53,14 @@ def main():
         tensors = {f"input.{k}": v.clone() for k, v in inputs.items()}
         tensors.update({f"output.{k}": v.clone() for k, v in stages.items()})
         save_file(tensors, directory / "reference.safetensors")
+        generated = {}
+        if family in ("opt", "t5") and not interpolate:
+            for case_name, case in GENERATION_CASES.items():
+                ids = reference_generate(model, pixel_values, inputs["input_ids"], inputs["attention_mask"], case)
+                generated[case_name] = ids.tolist()
         (directory / "reference.json").write_text(json.dumps(
             {"family": family, "overrides": overrides, "interpolate_pos_encoding": interpolate,
-             "reference": f"transformers {REFERENCE_VERSION}", "seed": len(name)}, indent=1))
+             "reference": f"transformers {REFERENCE_VERSION}", "seed": len(name), "generate": generated}, indent=1))
         size_kb = sum(f.stat().st_size for f in directory.iterdir()) / 1024
         print(f"{name}: {len(stages)} stages, {size_kb:.0f} KB")
 

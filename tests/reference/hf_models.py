@@ -14,6 +14,8 @@ import torch
 import transformers
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
+from hf_models_cases import GENERATION_CASES  # noqa: F401  (re-exported for the fixture builder)
+
 REFERENCE_VERSION = transformers.__version__
 
 
@@ -66,7 +68,27 @@ def scale_weights(model: torch.nn.Module, seed: int):
             p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
         else:  # biases
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    _make_language_model_decisive(model, g)
     return model
+
+
+@torch.no_grad()
+def _make_language_model_decisive(model, g):
+    """Random tiny LMs tend to repeat one token forever, which lets a wrong decoder pass a token-equality test.
+    OPT's tied head favours copying its input token: small token embeddings and large position embeddings make
+    the argmax move with the position. T5 has no position embeddings; a larger gain on its matrices and a strong
+    relative-position table do the same (checked: several distinct tokens per generated row)."""
+    for name, p in model.named_parameters():
+        if not name.startswith("language_model."):
+            continue
+        if "embed_tokens" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        elif "embed_positions" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+        elif "shared" in name or "relative_attention_bias" in name:
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif p.ndim >= 2 and ".block." in name:  # T5's linear layers
+            p.mul_(3.0)
 
 
 def build_reference(config: Blip2Config, seed: int = 0):
@@ -134,3 +156,28 @@ def prompt_ids(config, batch: int, lengths, seed: int):
             masks.append([1] * Q + [1] * len(text) + [0] * pad)
     assert max(max(r) for r in rows) < V
     return torch.tensor(rows), torch.tensor(masks)
+
+
+@torch.no_grad()
+def reference_generate(model, pixel_values, input_ids, attention_mask, case: dict) -> torch.Tensor:
+    """The reference's generate() with every setting explicit, returning only the new tokens: the reference
+    returns the prompt ids first for OPT and the decoder start token first for T5."""
+    kwargs = {k: v for k, v in case.items() if k != "prompt"}
+    text = model.config.text_config
+    kwargs.setdefault("eos_token_id", text.eos_token_id)
+    kwargs.update(do_sample=False, pad_token_id=text.pad_token_id, early_stopping=False)
+    if text.model_type == "t5":
+        kwargs["decoder_start_token_id"] = text.decoder_start_token_id
+    if not case["prompt"]:
+        input_ids = attention_mask = None
+        if text.model_type == "t5":
+            # The reference cannot caption without a prompt for T5 (it looks for a BOS id T5 lacks), so give it
+            # what its processor writes for an empty text: the image tokens and T5's EOS.
+            Q = model.config.num_query_tokens
+            input_ids = torch.tensor([[model.config.image_token_index] * Q + [text.eos_token_id]])
+            input_ids = input_ids.expand(pixel_values.shape[0], -1)
+    out = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    if text.model_type == "t5":
+        return out[:, 1:]
+    prompt_length = input_ids.shape[1] if input_ids is not None else model.config.num_query_tokens + 1
+    return out[:, prompt_length:]
