@@ -166,16 +166,26 @@ class Blip2(nn.Module):
         return ids.expand(embeds.shape[0], -1)
 
     # ---- retrieval (stage-1 checkpoints) ---------------------------------------------------------------
+    #
+    # Text comes in either of two layouts, and every method below accepts both:
+    #   plain      the Q-Former tokenizer's ids, "[CLS] a dog on a beach [SEP] [PAD] ..."          (B, T)
+    #   processor  what the checkpoint's processor writes when given images *and* text: Q `<image>` ids
+    #              (config.image_token_index) in front of the plain ids                           (B, Q + T)
+    # The `<image>` slots mean nothing to the Q-Former: its queries are the learned query tokens, not text
+    # ids (the `<image>` id is even one past the end of its vocabulary). The reference drops the first Q ids
+    # whenever the config has an image_token_index; here they are dropped only when they are `<image>` ids,
+    # so plain ids work with every config.
 
     def image_embeds(self, pixel_values):
         """(B, 3, H, W) -> (B, Q, E): each query's output projected to the shared space and L2-normalised."""
-        q = self.query(self.encode_image(pixel_values))
+        q = self.query(self.encode_image(pixel_values))  # (B, Q, Dq)
         return F.normalize(self.vision_projection(q.to(self.vision_projection.weight.dtype)), dim=-1)
 
     def text_embeds(self, input_ids, attention_mask=None):
-        """(B, T) BERT ids -> (B, T, E) normalised; row 0 ([CLS]) is the sentence embedding. The text is encoded
-        alone (the "unimodal" mask of ITC: it never sees the queries)."""
-        self._check_text(input_ids, attention_mask)
+        """(B, T) ids -> (B, T, E) normalised; row 0 ([CLS]) is the sentence embedding. The text is encoded
+        alone (the "unimodal" mask of ITC: it never sees the queries). Processor-layout ids give (B, T) rows
+        for their T text ids."""
+        input_ids, attention_mask = self._check_text(input_ids, attention_mask)
         h = self.qformer(input_ids=input_ids, attention_mask=attention_mask)  # (B, T, Dq)
         return F.normalize(self.text_projection(h.to(self.text_projection.weight.dtype)), dim=-1)
 
@@ -188,28 +198,43 @@ class Blip2(nn.Module):
 
     def itm(self, pixel_values, input_ids, attention_mask=None):
         """Image-text matching logits (B, 2) [no match, match] for image b with text b: queries and text attend
-        to each other (bidirectional mask), the ITM head scores every query output, the scores are averaged."""
-        self._check_text(input_ids, attention_mask)
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"itm: {pixel_values.shape[0]} images but {input_ids.shape[0]} texts; ITM scores "
-                             "image b with text b, so the batch sizes must be equal")
-        image_embeds = self.encode_image(pixel_values)
-        dtype = _dtype_of(self.qformer)
+        to each other (bidirectional mask), the ITM head scores every query output, the scores are averaged.
+        One image (1, 3, H, W) is scored against each of the B texts (its ViT features are computed once)."""
+        input_ids, attention_mask = self._check_text(input_ids, attention_mask)
         B, Q = input_ids.shape[0], self.config.num_query_tokens
-        queries = self.query_tokens.to(dtype).expand(B, -1, -1)
+        if pixel_values.shape[0] not in (1, B):
+            raise ValueError(f"itm: {pixel_values.shape[0]} images but {B} texts; ITM scores image b with text b, "
+                             "so give as many images as texts (or one image for all texts)")
+        image_embeds = self.encode_image(pixel_values).expand(B, -1, -1)  # (B, P, Dv)
+        dtype = _dtype_of(self.qformer)
+        queries = self.query_tokens.to(dtype).expand(B, -1, -1)  # (B, Q, Dq)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         allowed = stage1_attention_mask("bidirectional", Q, mask)  # (B, Q+T, Q+T)
         h = self.qformer(queries, image_embeds.to(dtype), input_ids=input_ids, attention_mask=allowed)
         return self.itm_head(h[:, :Q].to(self.itm_head.weight.dtype)).mean(dim=1)  # (B, Q, 2) -> (B, 2)
 
     def _check_text(self, input_ids, attention_mask):
+        """Check retrieval text input and return it in the plain layout: (B, T) ids and mask (or None)."""
         if self.language_model is not None or self.qformer.embeddings is None:
             raise ValueError("retrieval needs a checkpoint with Q-Former text weights (blip2-itm-vit-g)")
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"text: expected non-empty input_ids (B, T), got {tuple(input_ids.shape)}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"text: expected input_ids (B, T), got {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"text: attention_mask {tuple(attention_mask.shape)} does not match "
                              f"input_ids {tuple(input_ids.shape)}")
+        Q, image_id = self.config.num_query_tokens, self.config.image_token_index
+        if image_id is not None and input_ids.shape[1] >= Q and bool((input_ids[:, :Q] == image_id).all()):
+            input_ids = input_ids[:, Q:]  # processor layout -> plain layout
+            attention_mask = None if attention_mask is None else attention_mask[:, Q:]
+        if input_ids.shape[1] == 0 or (attention_mask is not None and not bool(attention_mask.any(dim=1).all())):
+            raise ValueError("text: empty text (no tokens); give at least one word")
+        V = self.qformer.embeddings.word_embeddings.num_embeddings
+        outside = input_ids[(input_ids < 0) | (input_ids >= V)].unique().tolist()
+        if outside:
+            hint = (f"; the {Q} `<image>` ids ({image_id}) of the processor layout must all come first"
+                    if image_id in outside else "")
+            raise ValueError(f"text: ids {outside[:5]} are outside the Q-Former vocabulary (0..{V - 1}){hint}")
+        return input_ids, attention_mask
 
 
 class OPTSession:
