@@ -313,8 +313,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, ValueError) as e:
+        # ValueError: the library's own one-line complaints about input (an empty text, a text longer than the
+        # position table, an impossible generation option), shown as such rather than as a traceback.
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -306,8 +306,6 @@ def test_rank_command_errors(capsys, tmp_path):
     assert status == 2 and "no images found" in err
 
 
-@pytest.mark.xfail(strict=True, reason="__main__.cmd_match/cmd_rank do not yet turn the retrieval ValueErrors "
-                   "into UsageError (one line, exit 2); remove this mark once they do")
 def test_match_command_bad_text_is_a_one_line_error(capsys):
     status, _, err = run_cli(capsys, "match", GALLERY / "image0.png", "a dog", "", "--weights", CHECKPOINT)
     assert status == 2 and err.startswith("error: ") and "empty text" in err and err.count("\n") == 1
