@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import decode
 from .config import Blip2Config
 from .opt import OPT
 from .projection import insert_queries, prepend_queries
@@ -136,8 +137,6 @@ class Blip2(nn.Module):
                  interpolate_pos_encoding=False):
         """Caption / answer: returns only the new tokens, (B * num_return_sequences, T_new), padded with the
         pad id after EOS. `input_ids` as the checkpoint's processor lays them out; None = plain captioning."""
-        from . import decode  # imported here so that the stages above import without the decoding module
-
         if self.language_model is None:
             raise ValueError("this is a retrieval checkpoint (no language model): it cannot generate text")
         text_cfg = self.config.text_config
