@@ -145,16 +145,18 @@ class Blip2(nn.Module):
         if self.is_encoder_decoder:
             session = T5Session(self.language_model, embeds, mask, text_cfg.decoder_start_token_id)
             prompt_ids = torch.full((embeds.shape[0], 1), text_cfg.decoder_start_token_id, device=embeds.device)
+            prompt_mask = None
         else:
             session = OPTSession(self.language_model, embeds, mask)
             prompt_ids = input_ids if input_ids is not None else self._default_prompt_ids(embeds)
+            prompt_mask = attention_mask
         return decode.generate(
             session, prompt_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             num_beams=num_beams, length_penalty=length_penalty, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             num_return_sequences=num_return_sequences,
             eos_token_id=text_cfg.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=text_cfg.pad_token_id, generator=generator)
+            pad_token_id=text_cfg.pad_token_id, generator=generator, prompt_mask=prompt_mask)
 
     def _default_prompt_ids(self, embeds):
         """The ids the reference puts in front of a caption when no prompt is given (for repetition penalty
