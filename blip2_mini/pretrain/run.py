@@ -1,0 +1,172 @@
+"""The whole toy recipe, end to end: `python -m blip2_mini pretrain [--out DIR] [--quick]`.
+
+    0. data        Shapes train split (images + captions + questions), text for the tokenizer and the LM
+    1. frozen      BPE vocabulary; ViT pre-trained on the images; OPT pre-trained on the text; both frozen
+    2. stage 1     Q-Former + retrieval heads with ITC + ITM + ITG against the frozen ViT
+    3. stage 2     Q-Former (from stage 1) + projection with the LM loss through the frozen OPT
+    4. ablation    stage 2 again from a *random* Q-Former (the paper's "without representation learning")
+    5. export      OUT (stage 2, Blip2ForConditionalGeneration) and OUT-itm (stage 1, Blip2ForImageTextRetrieval)
+    6. evaluate    held-out test split; OUT/eval.json holds the numbers of both stage-2 models and of OUT-itm
+
+Seeded: the same arguments give the same model on the same machine (CPU kernels are deterministic for a fixed
+thread count). `--quick` is a smoke run (a few hundred images, a few dozen steps) for tests and notebooks.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..data.shapes import ShapesDataset, all_texts, questions
+from ..model import Blip2
+from .common import pixel_values, seed_everything
+from .evaluate import DEFAULT_WEIGHTS, evaluate_generation, evaluate_retrieval
+from .export import save_generation_model, save_retrieval_model
+from .frozen import (IMAGE_TOKEN, cell_labels, freeze, init_weights, pretrain_language_model, pretrain_vision,
+                     scene_documents, toy_config, train_tokenizer)
+from .stage1 import Stage1Model, train_stage1
+from .stage2 import train_stage2
+
+
+@dataclass
+class Recipe:
+    """Sizes of data and training; the defaults took 10 minutes on a shared 2-core CPU (--threads 1)."""
+
+    n_train: int = 6000  # training scenes (images + captions + questions)
+    vocab_size: int = 400  # BPE vocabulary (before `<image>`)
+    vit_steps: int = 300  # batches of 2 x batch_size images
+    lm_steps: int = 500  # batches of 2 x batch_size strings
+    stage1_steps: int = 400  # batches of stage1_batch_size pairs (x5 Q-Former passes: ITC 1, ITM 3, ITG 1)
+    stage1_batch_size: int = 24
+    stage2_steps: int = 900
+    batch_size: int = 32
+    n_eval: int = 300  # test images for captions / VQA
+    n_retrieval: int = 1000  # test images for retrieval (10 galleries of 100)
+
+
+QUICK = Recipe(n_train=300, vocab_size=330, vit_steps=20, lm_steps=30, stage1_steps=15, stage1_batch_size=8,
+               stage2_steps=20, batch_size=16, n_eval=40, n_retrieval=100)
+
+
+def pretrain(recipe: Recipe, out: Path, seed: int = 0, ablation: bool = True, quiet: bool = False) -> dict:
+    t0 = time.time()
+    times = {}
+    seed_everything(seed)
+
+    def say(message):
+        if not quiet:
+            print(f"[{time.time() - t0:6.1f}s] {message}", flush=True)
+
+    # 0. data ---------------------------------------------------------------------------------------------
+    train = ShapesDataset("train", n=recipe.n_train, seed=seed, image_size=72)
+    pixels = pixel_values(train.images())  # (N, 3, 72, 72)
+    captions = train.captions()
+    items = [(c, questions(s)) for c, s in zip(captions, train.scenes)]
+    texts = list(all_texts(recipe.n_train, seed))
+    say(f"data: {len(train)} training scenes, {len(texts)} training strings")
+
+    # 1. the frozen parts -----------------------------------------------------------------------------------
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="blip2-shapes-tokenizer-"))
+    tokenizer = train_tokenizer(texts, tokenizer_dir, recipe.vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = toy_config(len(tokenizer), image_token_id)
+    say(f"tokenizer: {len(tokenizer)} tokens (<image> = {image_token_id})")
+
+    lap = time.time()
+    vit = Blip2(replace(config, text_config=None)).vision_model  # a ViT of the configured size
+    init_weights(vit)
+    pretrain_vision(vit, pixels, cell_labels(train.scenes), recipe.vit_steps, recipe.batch_size * 2, seed=seed,
+                    quiet=quiet)
+    times["vit"] = time.time() - lap
+
+    lap = time.time()
+    generation = Blip2(replace(config, qformer_config=replace(config.qformer_config, use_qformer_text_input=False)))
+    opt = generation.language_model
+    init_weights(opt)
+    lm_texts = sorted(set(texts)) + scene_documents(train.scenes, seed)
+    pretrain_language_model(opt, tokenizer, lm_texts, recipe.lm_steps, recipe.batch_size * 2, seed=seed, quiet=quiet)
+    times["opt"] = time.time() - lap
+
+    with torch.no_grad():  # the ViT is frozen: its features of every training image are computed once
+        image_embeds = torch.cat([vit(pixels[i:i + 256]) for i in range(0, len(pixels), 256)])  # (N, P, Dv)
+
+    # 2. stage 1 --------------------------------------------------------------------------------------------
+    lap = time.time()
+    retrieval = Blip2(replace(config, text_config=None, image_token_index=None))
+    init_weights(retrieval)
+    retrieval.vision_model = vit
+    stage1 = Stage1Model(retrieval)
+    train_stage1(stage1, image_embeds, captions, tokenizer, recipe.stage1_steps, recipe.stage1_batch_size, seed=seed,
+                 quiet=quiet)
+    times["stage1"] = time.time() - lap
+
+    # 3. stage 2 from stage 1, and 4. the ablation from scratch ---------------------------------------------
+    def stage2(from_stage1: bool, title: str):
+        model = Blip2(generation.config)
+        init_weights(model.qformer)
+        init_weights(model.language_projection)
+        torch.nn.init.normal_(model.query_tokens, std=0.02)
+        model.vision_model, model.language_model = vit, opt  # the very same frozen modules
+        if from_stage1:
+            model.query_tokens.data.copy_(retrieval.query_tokens.data)
+            missing = model.qformer.load_state_dict(retrieval.qformer.state_dict(), strict=False)
+            assert not missing.missing_keys  # only the text side (embeddings, ffn_text) is left behind
+        train_stage2(model, image_embeds, items, tokenizer, recipe.stage2_steps, recipe.batch_size, seed=seed,
+                     title=title, quiet=quiet)
+        return freeze(model)
+
+    lap = time.time()
+    model = stage2(True, "stage 2: LM loss through the frozen OPT (after stage 1)")
+    times["stage2"] = time.time() - lap
+    ablated = None
+    if ablation:
+        lap = time.time()
+        ablated = stage2(False, "ablation: stage 2 without stage 1")
+        times["ablation"] = time.time() - lap
+
+    # 5. export -----------------------------------------------------------------------------------------------
+    out = Path(out)
+    save_generation_model(model, tokenizer_dir, out)
+    save_retrieval_model(freeze(retrieval), tokenizer_dir, out.with_name(out.name + "-itm"))
+    say(f"saved {out} and {out.name}-itm")
+
+    # 6. evaluate --------------------------------------------------------------------------------------------
+    lap = time.time()
+    report = {"recipe": vars(recipe), "seed": seed, "threads": torch.get_num_threads()}
+    report["stage2_after_stage1"], samples = evaluate_generation(model, tokenizer, recipe.n_eval)
+    report["caption_samples"] = samples[:5]
+    if ablated is not None:
+        report["stage2_without_stage1"], _ = evaluate_generation(ablated, tokenizer, recipe.n_eval)
+    report["stage1_retrieval"] = evaluate_retrieval(retrieval, tokenizer, recipe.n_retrieval)
+    # A small subset that tests/test_pretrain.py re-evaluates from the saved files: the numbers must come back.
+    check, _ = evaluate_generation(model, tokenizer, n_images=24, max_questions=3)
+    report["check"] = check | evaluate_retrieval(retrieval, tokenizer, 100, rerank=4)
+    times["evaluate"] = time.time() - lap
+    report["wall_seconds"] = {k: round(v, 1) for k, v in times.items()} | {"total": round(time.time() - t0, 1)}
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    say("done: " + json.dumps(report, indent=2))
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m blip2_mini pretrain",
+                                     description="Run the toy two-stage BLIP-2 pre-training on the Shapes world "
+                                                 "and save the model in the official layout.")
+    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
+                        help="output directory (stage-2 model); the stage-1 model goes to OUT-itm "
+                             f"(default {DEFAULT_WEIGHTS})")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny data, few steps)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip stage 2 without stage 1")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return pretrain(QUICK if args.quick else Recipe(), args.out, seed=args.seed, ablation=not args.no_ablation)
+
+
+if __name__ == "__main__":
+    main()

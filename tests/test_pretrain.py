@@ -1,0 +1,288 @@
+"""The toy pre-training (blip2_mini/pretrain/): each stage trains, the stage-1 masks are where the paper puts
+them, the export is the loader's exact inverse, and the shipped model's measured quality reproduces.
+
+Training tests use a model far smaller than the shipped one (width 32, one or two layers) and a few dozen
+images, so the whole file runs in seconds on a CPU.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip2_mini.data.shapes import ShapesDataset, all_texts, questions
+from blip2_mini.loader import CheckpointError, load_model
+from blip2_mini.model import Blip2
+from blip2_mini.pretrain import evaluate as evaluate_module
+from blip2_mini.pretrain.common import pixel_values
+from blip2_mini.pretrain.evaluate import evaluate_generation, evaluate_retrieval
+from blip2_mini.pretrain.export import official_state_dict, ours_to_official, save_generation_model, save_retrieval_model
+from blip2_mini.pretrain.frozen import (cell_labels, init_weights, pretrain_language_model, pretrain_vision,
+                                        toy_config, train_tokenizer)
+from blip2_mini.pretrain.stage1 import Stage1Model, qformer_text, train_stage1
+from blip2_mini.pretrain.stage2 import train_stage2
+from blip2_mini.tokenizer import load_tokenizer
+
+SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "blip2-shapes-tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread (several threads only add synchronisation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """24 training scenes, their pixels and captions, and a BPE tokenizer trained on their text."""
+    torch.manual_seed(0)
+    ds = ShapesDataset("train", n=24, seed=0, image_size=72)
+    tok_dir = tmp_path_factory.mktemp("tokenizer")
+    tokenizer = train_tokenizer(list(all_texts(300, 0)), tok_dir, vocab_size=400)
+    return dict(ds=ds, pixels=pixel_values(ds.images()), captions=ds.captions(), tokenizer=tokenizer, tok_dir=tok_dir,
+                items=[(c, questions(s)) for c, s in zip(ds.captions(), ds.scenes)])
+
+
+def tiny_config(tokenizer, text_input=True):
+    config = toy_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), text_input)
+    return replace(
+        config, num_query_tokens=4, image_text_hidden_size=16,
+        vision_config=replace(config.vision_config, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2),
+        qformer_config=replace(config.qformer_config, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, encoder_hidden_size=32),
+        text_config=replace(config.text_config, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                            num_attention_heads=2, word_embed_proj_dim=32))
+
+
+def decreased(history, key="loss"):
+    values = [h[key] for h in history]
+    assert all(torch.isfinite(torch.tensor(values))), values
+    return sum(values[-3:]) / 3 < sum(values[:3]) / 3
+
+
+# ---- each stage trains -----------------------------------------------------------------------------------
+
+
+def test_frozen_parts_train(world):
+    config = tiny_config(world["tokenizer"])
+    vit = Blip2(replace(config, text_config=None)).vision_model
+    init_weights(vit)
+    progress = pretrain_vision(vit, world["pixels"], cell_labels(world["ds"].scenes), steps=12, batch_size=24,
+                               lr=3e-3, quiet=True)
+    assert decreased(progress.history)
+    assert not any(p.requires_grad for p in vit.parameters()) and not vit.training  # frozen afterwards
+
+    opt = Blip2(config).language_model
+    init_weights(opt)
+    progress = pretrain_language_model(opt, world["tokenizer"], world["captions"], steps=12, batch_size=24,
+                                       lr=3e-3, quiet=True)
+    assert decreased(progress.history)
+    assert not any(p.requires_grad for p in opt.parameters())
+
+
+def test_stage1_trains_all_three_losses(world):
+    config = tiny_config(world["tokenizer"])
+    torch.manual_seed(0)
+    blip2 = Blip2(replace(config, text_config=None, image_token_index=None))
+    init_weights(blip2)
+    with torch.no_grad():
+        image_embeds = blip2.vision_model(world["pixels"])  # frozen random ViT
+    model = Stage1Model(blip2)
+    progress = train_stage1(model, image_embeds, world["captions"], world["tokenizer"], steps=15, batch_size=12,
+                            lr=3e-3, quiet=True)
+    for key in ("loss", "itc", "itg"):
+        assert decreased(progress.history, key), key
+    assert all(torch.isfinite(torch.tensor(h["itm"])) for h in progress.history)
+
+
+def test_stage2_trains_through_frozen_lm(world):
+    config = tiny_config(world["tokenizer"], text_input=False)
+    torch.manual_seed(0)
+    model = Blip2(config)
+    init_weights(model)
+    init_weights(model.language_model, std=0.2)  # an untrained LM with std 0.02 passes almost no gradient
+    lm_before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
+    with torch.no_grad():
+        image_embeds = model.vision_model(world["pixels"])
+    progress = train_stage2(model, image_embeds, world["items"], world["tokenizer"], steps=15, batch_size=12,
+                            lr=3e-3, quiet=True)
+    assert decreased(progress.history)
+    for k, v in model.language_model.state_dict().items():  # the LM is frozen: not one number moved
+        assert torch.equal(v, lm_before[k]), k
+
+
+# ---- the three masks of stage 1 --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage1_model(world):
+    config = tiny_config(world["tokenizer"])
+    torch.manual_seed(1)
+    blip2 = Blip2(replace(config, text_config=None, image_token_index=None))
+    init_weights(blip2, std=0.2)  # large weights: every dependency shows up in the outputs
+    ids, mask = qformer_text(world["tokenizer"], world["captions"][:3])
+    with torch.no_grad():
+        image_embeds = blip2.vision_model(world["pixels"][:3])
+    return Stage1Model(blip2).eval(), image_embeds, ids, mask, world["pixels"][:3]
+
+
+@torch.no_grad()
+def test_itc_text_cannot_see_queries(stage1_model):
+    model, image_embeds, ids, mask, pixels = stage1_model
+    _, text = model.itc_features(image_embeds, ids, mask)
+    _, text_other_image = model.itc_features(image_embeds.flip(0) * 3, ids, mask)
+    torch.testing.assert_close(text, text_other_image)  # unimodal: the image cannot leak into the text side
+    # ... and the text [CLS] is the retrieval model's own text embedding (model.text_embeds, text alone).
+    torch.testing.assert_close(text, model.blip2.text_embeds(ids, mask)[:, 0], atol=1e-5, rtol=1e-5)
+    images, _ = model.itc_features(image_embeds, ids.flip(0), mask.flip(0))
+    torch.testing.assert_close(images, model.itc_features(image_embeds, ids, mask)[0])  # nor text into queries
+
+
+@torch.no_grad()
+def test_itm_fuses_both_ways(stage1_model):
+    model, image_embeds, ids, mask, pixels = stage1_model
+    Q = model.blip2.config.num_query_tokens
+    h = model.run_qformer(image_embeds, ids, mask, "bidirectional")
+    h_other = model.run_qformer(image_embeds.flip(0) * 3, ids, mask, "bidirectional")
+    assert (h[:, Q:] - h_other[:, Q:]).abs().max() > 1e-3  # text sees the queries (hence the image)
+    h_text = model.run_qformer(image_embeds, ids.flip(0), mask.flip(0), "bidirectional")
+    assert (h[:, :Q] - h_text[:, :Q]).abs().max() > 1e-3  # queries see the text
+    # What stage 1 trains is what the retrieval model computes at inference (model.itm, model.itc).
+    torch.testing.assert_close(model.itm_logits(image_embeds, ids, mask), model.blip2.itm(pixels, ids, mask))
+    images, text = model.itc_features(image_embeds, ids, mask)
+    torch.testing.assert_close(model.similarity(images, text), model.blip2.itc(pixels, ids, mask), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_itg_is_causal_and_queries_do_not_see_text(stage1_model):
+    model, image_embeds, ids, mask, pixels = stage1_model
+    Q = model.blip2.config.num_query_tokens
+    changed = ids.clone()
+    changed[:, 6:] = 5  # rewrite the text from token 6 on
+    h = model.run_qformer(image_embeds, ids, mask, "multimodal_causal")
+    h2 = model.run_qformer(image_embeds, changed, mask, "multimodal_causal")
+    torch.testing.assert_close(h[:, : Q + 6], h2[:, : Q + 6])  # queries and the first 6 tokens: unchanged
+    assert (h[:, Q + 6:] - h2[:, Q + 6:]).abs().max() > 1e-3
+    h3 = model.run_qformer(image_embeds.flip(0) * 3, ids, mask, "multimodal_causal")
+    assert (h[:, Q:] - h3[:, Q:]).abs().max() > 1e-3  # the text does see the image, through the queries
+
+
+# ---- export is the loader's inverse ----------------------------------------------------------------------
+
+
+def test_export_round_trip(world, tmp_path):
+    tokenizer = world["tokenizer"]
+    torch.manual_seed(0)
+    model = Blip2(tiny_config(tokenizer))  # with the stage-1 text side: the export must drop it
+    init_weights(model, std=0.2)
+    save_generation_model(model, world["tok_dir"], tmp_path / "gen")
+    loaded = load_model(tmp_path / "gen", progress=False)
+    assert loaded.qformer.embeddings is None
+    ours = dict(model.named_parameters())
+    for name, tensor in loaded.named_parameters():
+        torch.testing.assert_close(tensor, ours[name], rtol=0, atol=0, msg=name)
+    pixels = world["pixels"][:2]
+    assert torch.equal(loaded.generate(pixels, max_new_tokens=6), model.eval().generate(pixels, max_new_tokens=6))
+    assert len(load_tokenizer(tmp_path / "gen")) == len(tokenizer)
+
+    retrieval = Blip2(replace(tiny_config(tokenizer), text_config=None, image_token_index=None))
+    init_weights(retrieval, std=0.2)
+    save_retrieval_model(retrieval, world["tok_dir"], tmp_path / "itm")
+    loaded = load_model(tmp_path / "itm", progress=False)
+    for name, tensor in loaded.named_parameters():
+        torch.testing.assert_close(tensor, dict(retrieval.named_parameters())[name], rtol=0, atol=0, msg=name)
+    # The retrieval tokenizer frames text as stage 1 did: "<s> text </s>".
+    ids, _ = qformer_text(tokenizer, ["a small red circle on the left"])
+    assert load_tokenizer(tmp_path / "itm").encode("a small red circle on the left") == ids[0].tolist()
+
+
+def test_export_names_are_official(world):
+    model = Blip2(tiny_config(world["tokenizer"]))
+    names = set(official_state_dict(model))
+    assert "vision_model.encoder.layers.0.self_attn.qkv.bias" in names  # fused [q, 0, v]
+    assert "language_model.lm_head.weight" in names  # tied head written out, as published files do
+    assert ours_to_official("qformer.layers.1.ffn_query.fc1.weight") == "qformer.encoder.layer.1.intermediate_query.dense.weight"
+    with pytest.raises(KeyError, match="no KEY_MAP entry"):
+        ours_to_official("not.a.parameter")
+
+
+# ---- the shipped model -----------------------------------------------------------------------------------
+
+
+shipped = pytest.mark.skipif(not (SHIPPED / "eval.json").exists(), reason="no shipped model in weights/")
+
+
+@shipped
+def test_shipped_evaluation_reproduces():
+    """The numbers eval.json records for a small check subset come out again (CPU kernels may differ in the
+    last bits between machines, which can flip a rare near-tie: hence a small tolerance)."""
+    recorded = json.loads((SHIPPED / "eval.json").read_text())["check"]
+    model = load_model(SHIPPED, progress=False)
+    metrics, _ = evaluate_generation(model, load_tokenizer(SHIPPED), recorded["n_images"], max_questions=3)
+    for key in ("caption_exact_match", "caption_colour_acc", "caption_kind_acc", "vqa_accuracy"):
+        assert metrics[key] == pytest.approx(recorded[key], abs=0.05), key
+    itm_dir = SHIPPED.with_name(SHIPPED.name + "-itm")
+    if itm_dir.exists():
+        r = evaluate_retrieval(load_model(itm_dir, progress=False), load_tokenizer(itm_dir), 100, rerank=4)
+        assert r["retrieval_r1_itc_i2t"] == pytest.approx(recorded["retrieval_r1_itc_i2t"], abs=0.05)
+
+
+@shipped
+def test_shipped_config_is_official_opt_layout():
+    config = json.loads((SHIPPED / "config.json").read_text())
+    assert config["architectures"] == ["Blip2ForConditionalGeneration"]
+    assert config["text_config"]["model_type"] == "opt" and not config["qformer_config"]["use_qformer_text_input"]
+    tokenizer = load_tokenizer(SHIPPED)
+    assert tokenizer.convert_tokens_to_ids("<image>") == config["image_token_index"]
+    assert json.loads((SHIPPED / "processor_config.json").read_text())["num_query_tokens"] == config["num_query_tokens"]
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 20e6
+
+
+def test_evaluate_command_reports_missing_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        evaluate_module.main(["--weights", str(tmp_path / "nothing")])
+
+
+@shipped
+@pytest.mark.live
+def test_shipped_model_generates_like_transformers():
+    """transformers' Blip2ForConditionalGeneration + Blip2Processor read the shipped directory and produce the
+    same greedy tokens as blip2_mini, for captions and for a VQA prompt."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    hf, info = Blip2ForConditionalGeneration.from_pretrained(SHIPPED, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+    processor = Blip2Processor.from_pretrained(SHIPPED)
+    ours = load_model(SHIPPED, progress=False)
+    tokenizer = load_tokenizer(SHIPPED)
+    ds = ShapesDataset("test", n=4, seed=0, image_size=72)
+    images = [ds[i]["image"] for i in range(4)]
+
+    inputs = processor(images=images, return_tensors="pt")
+    torch.testing.assert_close(inputs["pixel_values"], pixel_values(ds.images()), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, max_new_tokens=30, do_sample=False, num_beams=1)
+    mine = ours.generate(inputs["pixel_values"], max_new_tokens=30)
+    # With no text the reference makes up the prompt `<image>` x Q + BOS itself, and returns it before the new tokens.
+    prompt = [ours.config.image_token_index] * ours.config.num_query_tokens + [tokenizer.bos_token_id]
+    assert theirs[:, : len(prompt)].tolist() == [prompt] * 4
+    theirs = theirs[:, len(prompt):]
+    assert theirs.tolist() == mine[:, : theirs.shape[1]].tolist()
+    assert "circle" in " ".join(tokenizer.batch_decode(mine)) or "square" in " ".join(tokenizer.batch_decode(mine))
+
+    prompt = "Question: what colour is the circle? Answer:"
+    inputs = processor(images=images[:1], text=prompt, return_tensors="pt")
+    expected = [ours.config.image_token_index] * ours.config.num_query_tokens + tokenizer.encode(prompt)
+    assert inputs["input_ids"][0].tolist() == expected
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, max_new_tokens=5, do_sample=False, num_beams=1)
+    mine = ours.generate(inputs["pixel_values"], input_ids=inputs["input_ids"], max_new_tokens=5)
+    new = theirs[:, inputs["input_ids"].shape[1]:]
+    assert new.tolist() == mine[:, : new.shape[1]].tolist()
