@@ -1,4 +1,4 @@
-"""Command line: `python -m blip2_mini {caption,vqa,match,rank,stages} ...`; `--help` on each for its options.
+"""Command line: `python -m blip2_mini {caption,vqa,match,rank,stages,pretrain,evaluate} ...`; `--help` on each.
 
 Errors in what the user asked for (a missing weights directory, num_beams 0, ...) print one line and exit 2.
 An unreadable image is reported on stderr and skipped; the exit status is then 1.
@@ -98,6 +98,10 @@ def build_parser():
     p.add_argument("--top-k", type=positive_int, default=5, help="how many to show (and re-rank with ITM)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     add_model_options(p)
+
+    # These two have their own argument parsers (in blip2_mini/pretrain/); `main` hands them the rest of argv.
+    sub.add_parser("pretrain", add_help=False, help="run the toy two-stage pre-training (see its --help)")
+    sub.add_parser("evaluate", add_help=False, help="quality metrics of a toy model on held-out data (see its --help)")
 
     p = sub.add_parser("stages", help="run one image through every stage and print the shapes")
     p.add_argument("image", type=Path)
@@ -309,9 +313,17 @@ def cmd_stages(args):
 COMMANDS = {"caption": cmd_caption, "vqa": cmd_vqa, "match": cmd_match, "rank": cmd_rank, "stages": cmd_stages}
 
 
+PASSTHROUGH = {"pretrain": "blip2_mini.pretrain.run", "evaluate": "blip2_mini.pretrain.evaluate"}
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in PASSTHROUGH:
+            import importlib
+
+            return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:]) or 0
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError) as e:
         # ValueError: the library's own one-line complaints about input (an empty text, a text longer than the

@@ -1,0 +1,123 @@
+"""The whole pipeline as a user runs it: blip2_mini.load (model + processor from one official-layout directory),
+processor -> generate -> decode, and `python -m blip2_mini`, against what the reference pipeline produced for the
+bundled example images (tests/fixtures/pipeline, built by tests/reference/build_pipeline_fixtures.py)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import blip2_mini
+from blip2_mini import __main__ as cli
+from blip2_mini.processing import load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = ROOT / "tests" / "fixtures" / "pipeline"
+EXAMPLES = ROOT / "examples"
+
+
+def reference(name):
+    return json.loads((PIPELINES / name / "reference.json").read_text())
+
+
+def run(capsys, *args):
+    status = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("name", ["opt-pipeline", "t5-pipeline"])
+@pytest.mark.parametrize("mode", ["caption", "prompt"])
+def test_python_pipeline_matches_reference(name, mode):
+    expected = reference(name)
+    model, processor = blip2_mini.load(PIPELINES / name, progress=False)
+    images = [load_image(EXAMPLES / n) for n in expected["images"]]  # as the reference's load_image: plain RGB
+    text = None if mode == "caption" else [expected["prompt"]] * len(images)
+    inputs = processor(images=images, text=text, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=8)
+    assert ids.tolist() == expected["outputs"][mode]["token_ids"]
+    assert processor.batch_decode(ids) == [t.strip() for t in expected["outputs"][mode]["text"]]
+
+
+@pytest.mark.parametrize("name", ["opt-pipeline", "t5-pipeline"])
+def test_caption_command_json_matches_reference(capsys, name):
+    expected = reference(name)
+    images = [EXAMPLES / n for n in expected["images"]]
+    status, out, err = run(capsys, "caption", *images, "--weights", PIPELINES / name, "--max-new-tokens", 8, "--json")
+    assert status == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [Path(r["image"]).name for r in rows] == expected["images"]
+    assert [r["token_ids"] for r in rows] == expected["outputs"]["caption"]["token_ids"]
+    assert [r["text"] for r in rows] == [t.strip() for t in expected["outputs"]["caption"]["text"]]
+    assert "captioning [" in err  # progress on stderr, never on stdout
+
+
+@pytest.mark.parametrize("name", ["opt-pipeline", "t5-pipeline"])
+def test_vqa_command_builds_the_papers_prompt(capsys, name):
+    expected = reference(name)
+    image = EXAMPLES / expected["images"][0]
+    status, out, err = run(capsys, "vqa", image, "what is the colour of the circle?", "--weights", PIPELINES / name,
+                           "--max-new-tokens", 8, "--json")
+    assert status == 0, err
+    row = json.loads(out)
+    assert row["prompt"] == expected["prompt"]
+    assert row["token_ids"] == expected["outputs"]["prompt"]["token_ids"][0]
+
+
+def test_folder_with_an_unreadable_image_reports_it_and_captions_the_rest(capsys, tmp_path):
+    for n in reference("opt-pipeline")["images"]:
+        shutil.copy(EXAMPLES / n, tmp_path / n)
+    (tmp_path / "broken.png").write_text("not an image")
+    status, out, err = run(capsys, "caption", tmp_path, "--weights", PIPELINES / "opt-pipeline", "--max-new-tokens", 3)
+    assert status == 1
+    assert len(out.splitlines()) == 3 and "broken.png" not in out
+    assert "error:" in err and "broken.png" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-beams", "0"], "--num-beams: must be at least 1"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens: must be at least 1"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--min-new-tokens", "9", "--max-new-tokens", "4"], "exceeds --max-new-tokens"),
+    (["--sample", "--num-beams", "3"], "cannot be combined"),
+    (["--dtype", "float64"], "invalid choice"),
+])
+def test_impossible_options_exit_2_with_one_line(capsys, args, message):
+    try:
+        status, out, err = run(capsys, "caption", EXAMPLES / "shapes.png", "--weights", PIPELINES / "opt-pipeline", *args)
+    except SystemExit as e:  # argparse's own errors
+        status, err = e.code, capsys.readouterr().err
+    assert status == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_weights_that_do_not_exist_or_are_not_a_checkpoint(capsys, tmp_path):
+    status, _, err = run(capsys, "caption", EXAMPLES / "shapes.png", "--weights", tmp_path / "nope")
+    assert status == 2 and "no such directory" in err and len(err.strip().splitlines()) == 1
+    status, _, err = run(capsys, "caption", EXAMPLES / "shapes.png", "--weights", tmp_path)
+    assert status == 2 and "no config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_weights_and_no_shipped_model(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "DEFAULT_WEIGHTS", tmp_path / "missing")
+    status, _, err = run(capsys, "caption", EXAMPLES / "shapes.png")
+    assert status == 2 and "weights/README.md" in err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["caption", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--weights", "--prompt", "--num-beams", "--max-new-tokens", "--min-new-tokens", "--length-penalty",
+                   "--repetition-penalty", "--sample", "--temperature", "--top-k", "--top-p", "--seed", "--dtype",
+                   "--device", "--batch-size", "--json"):
+        assert option in text, option
+
+
+def test_shipped_model_is_the_default(capsys):
+    if not (cli.DEFAULT_WEIGHTS / "config.json").exists():
+        pytest.skip("no shipped model in weights/")
+    status, out, err = run(capsys, "caption", EXAMPLES / "shapes.png", "--max-new-tokens", 12)
+    assert status == 0, err
+    assert out.startswith(str(EXAMPLES / "shapes.png") + ": ") and len(out.split(": ", 1)[1].strip()) > 0
