@@ -148,7 +148,7 @@ class Blip2(nn.Module):
             prompt_mask = None
         else:
             session = OPTSession(self.language_model, embeds, mask)
-            prompt_ids = input_ids if input_ids is not None else self._default_prompt_ids(embeds)
+            prompt_ids = input_ids if input_ids is not None else self.default_prompt_ids(embeds)
             prompt_mask = attention_mask
         return decode.generate(
             session, prompt_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -158,7 +158,7 @@ class Blip2(nn.Module):
             eos_token_id=text_cfg.eos_token_id if eos_token_id is None else eos_token_id,
             pad_token_id=text_cfg.pad_token_id, generator=generator, prompt_mask=prompt_mask)
 
-    def _default_prompt_ids(self, embeds):
+    def default_prompt_ids(self, embeds):
         """The ids the reference puts in front of a caption when no prompt is given (for repetition penalty
         and length counting, which the reference applies over the whole decoder-only input)."""
         cfg = self.config
