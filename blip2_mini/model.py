@@ -159,8 +159,8 @@ class Blip2(nn.Module):
             pad_token_id=text_cfg.pad_token_id, generator=generator, prompt_mask=prompt_mask)
 
     def default_prompt_ids(self, embeds):
-        """The ids the reference puts in front of a caption when no prompt is given (for repetition penalty
-        and length counting, which the reference applies over the whole decoder-only input)."""
+        """The ids the reference puts in front of a caption when no prompt is given: `<image>` x Q + BOS. The
+        decoder needs them for the repetition penalty, which the reference applies over the whole input."""
         cfg = self.config
         slots = [cfg.image_token_index] * cfg.num_query_tokens if cfg.image_token_index is not None else []
         ids = torch.tensor([slots + [cfg.text_config.bos_token_id]], device=embeds.device)
