@@ -101,6 +101,58 @@ def test_stage1_trains_all_three_losses(world):
     assert all(torch.isfinite(torch.tensor(h["itm"])) for h in progress.history)
 
 
+ITM_PRIOR = 0.6365  # cross-entropy of always answering P(match) = 1/3: ITM has 1 positive per 2 negatives
+
+
+def test_init_weights_spreads_the_queries(world):
+    """Queries left at zeros make the Q-Former's first LayerNorm divide by ~0: their gradient was ~1e13 and,
+    after clipping, no other parameter moved (the first shipped model's ITM loss never left ITM_PRIOR)."""
+    torch.manual_seed(0)
+    blip2 = Blip2(replace(tiny_config(world["tokenizer"]), text_config=None, image_token_index=None))
+    init_weights(blip2)
+    assert 0.01 < blip2.query_tokens.std().item() < 0.04
+    model = Stage1Model(blip2)
+    texts = world["captions"][:8]
+    ids, mask = qformer_text(world["tokenizer"], texts)
+    with torch.no_grad():
+        image_embeds = blip2.vision_model(world["pixels"][:8])
+    loss, _ = model(image_embeds, ids, mask, texts, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    grad_norm = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()
+    assert grad_norm < 100, grad_norm
+
+
+def test_itm_learns_to_match(world):
+    """On 8 pairs whose images are trivially told apart, the ITM branch (hard negatives drawn from ITC, labels
+    [1]*B + [0]*2B, bidirectional pass, head on the averaged queries) must learn well below its class prior.
+    It sits on the prior for ~150 steps before the queries start to compare image and text: hence 500."""
+    torch.manual_seed(0)
+    blip2 = Blip2(replace(tiny_config(world["tokenizer"]), text_config=None, image_token_index=None))
+    init_weights(blip2)
+    model = Stage1Model(blip2).train()
+    B, P, Dv = 8, 10, blip2.config.vision_config.hidden_size
+    image_embeds = torch.randn(B, 1, Dv).expand(B, P, Dv)  # image i: one random vector on every token
+    texts = world["captions"][:B]
+    ids, mask = qformer_text(world["tokenizer"], texts)
+    same = torch.tensor([[a == b for b in texts] for a in texts])
+    assert not (same & ~torch.eye(B, dtype=torch.bool)).any()  # 8 different captions: 8 x 7 negatives
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(500):
+        with torch.no_grad():
+            image_feats, text_feats = model.itc_features(image_embeds, ids, mask)
+            sim_i2t = model.similarity(image_feats, text_feats) / model.temperature
+        loss = model.itm_loss(image_embeds, ids, mask, sim_i2t, same, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as train_stage1 does
+        optimizer.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - 0.693) < 0.05  # an untrained head: 50/50 on everything
+    assert sum(losses[-100:]) / 100 < 0.8 * ITM_PRIOR, losses[-100::10]
+
+
 def test_stage2_trains_through_frozen_lm(world):
     config = tiny_config(world["tokenizer"], text_input=False)
     torch.manual_seed(0)

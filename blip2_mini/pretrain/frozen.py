@@ -70,8 +70,13 @@ def toy_config(vocab_size: int, image_token_index: int, text_input: bool = True)
 
 
 def init_weights(module: nn.Module, std: float = 0.02):
-    """BERT/OPT-style initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    """BERT/OPT-style initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms, and BLIP-2's learned
+    queries normal(0, 0.02) too. The queries must not stay at their constructor's zeros: the Q-Former's first
+    LayerNorm divides by their (zero) spread, so their gradient comes out ~1e13 and, after gradient clipping,
+    every other parameter's update is ~0 (stage 1 then learns nothing: ITM sits at its class prior)."""
     for m in module.modules():
+        if isinstance(getattr(m, "query_tokens", None), nn.Parameter):
+            nn.init.normal_(m.query_tokens, std=std)
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
             if getattr(m, "bias", None) is not None:

@@ -34,15 +34,15 @@ from .stage2 import train_stage2
 
 @dataclass
 class Recipe:
-    """Sizes of data and training; the defaults took 10 minutes on a shared 2-core CPU (--threads 1)."""
+    """Sizes of data and training; the defaults take about 12 minutes on a shared 2-core CPU (--threads 1)."""
 
     n_train: int = 6000  # training scenes (images + captions + questions)
     vocab_size: int = 400  # BPE vocabulary (before `<image>`)
     vit_steps: int = 300  # batches of 2 x batch_size images
     lm_steps: int = 500  # batches of 2 x batch_size strings
-    stage1_steps: int = 400  # batches of stage1_batch_size pairs (x5 Q-Former passes: ITC 1, ITM 3, ITG 1)
+    stage1_steps: int = 600  # batches of stage1_batch_size pairs (x5 Q-Former passes: ITC 1, ITM 3, ITG 1)
     stage1_batch_size: int = 24
-    stage2_steps: int = 900
+    stage2_steps: int = 1500
     batch_size: int = 32
     n_eval: int = 300  # test images for captions / VQA
     n_retrieval: int = 1000  # test images for retrieval (10 galleries of 100)

@@ -98,20 +98,11 @@ class Stage1Model(nn.Module):
         labels = ids.masked_fill(mask == 0, -100)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
-    # ---- the loss ---------------------------------------------------------------------------------------
-
-    def forward(self, image_embeds, ids, mask, texts: list[str], generator=None):
-        """The three stage-1 losses on a batch of B matching (image, caption) pairs."""
+    def itm_loss(self, image_embeds, ids, mask, sim_i2t, same, generator=None):
+        """ITM on B positives, B hard negative images and B hard negative texts. sim_i2t (B, B) is the ITC
+        similarity / temperature, same (B, B) marks pairs with identical captions (never negatives)."""
         B = ids.shape[0]
-        image_feats, text_feats = self.itc_features(image_embeds, ids, mask)
-        temp = self.temperature.clamp(0.001, 0.5)
-        sim_i2t = self.similarity(image_feats, text_feats) / temp  # (B, B)
-        # Identical captions in one batch are not negatives of each other (BLIP-2 masks pairs of the same image).
-        same = torch.tensor([[a == b for b in texts] for a in texts])  # (B, B)
-        targets = same.float() / same.float().sum(dim=1, keepdim=True)
-        itc = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_i2t.T, targets)) / 2
-
-        # ITM hard negatives: sample a wrong partner in proportion to how similar ITC finds it.
+        # Hard negatives: sample a wrong partner in proportion to how similar ITC finds it.
         with torch.no_grad():
             weights_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(same, 0) + 1e-8 * (~same)
             weights_t2i = F.softmax(sim_i2t.T.float(), dim=1).masked_fill(same, 0) + 1e-8 * (~same)
@@ -121,8 +112,21 @@ class Stage1Model(nn.Module):
         itm_ids = torch.cat([ids, ids, ids[neg_text]])  # (3B, T)
         itm_mask = torch.cat([mask, mask, mask[neg_text]])
         itm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()  # positives, then the two negatives
-        itm = F.cross_entropy(self.itm_logits(itm_images, itm_ids, itm_mask), itm_labels)
+        return F.cross_entropy(self.itm_logits(itm_images, itm_ids, itm_mask), itm_labels)
 
+    # ---- the loss ---------------------------------------------------------------------------------------
+
+    def forward(self, image_embeds, ids, mask, texts: list[str], generator=None):
+        """The three stage-1 losses on a batch of B matching (image, caption) pairs."""
+        image_feats, text_feats = self.itc_features(image_embeds, ids, mask)
+        temp = self.temperature.clamp(0.001, 0.5)
+        sim_i2t = self.similarity(image_feats, text_feats) / temp  # (B, B)
+        # Identical captions in one batch are not negatives of each other (BLIP-2 masks pairs of the same image).
+        same = torch.tensor([[a == b for b in texts] for a in texts])  # (B, B)
+        targets = same.float() / same.float().sum(dim=1, keepdim=True)
+        itc = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_i2t.T, targets)) / 2
+
+        itm = self.itm_loss(image_embeds, ids, mask, sim_i2t, same, generator)
         itg = self.itg_loss(image_embeds, ids, mask)
         return itc + itm + itg, {"itc": itc.item(), "itm": itm.item(), "itg": itg.item()}
 

@@ -11,7 +11,8 @@ the checkpoint's processor writes at inference (`<image>` x Q, then BOS):
                  there for Flan-T5: the prefix goes to the encoder, the suffix is generated)
 
 Stage 1 matters because the queries arrive having already learned to extract the text-relevant content of the
-image; the ablation (`run.py --no-stage1`, reported in eval.json) starts stage 2 from a random Q-Former.
+image; the ablation (run.py step 4, reported in eval.json; `--no-ablation` skips it) starts stage 2 from a
+random Q-Former.
 
 The Q-Former's text side (embeddings, text FFNs) is not used here; the exported stage-2 checkpoint drops it,
 as the published OPT/Flan-T5 checkpoints do.
