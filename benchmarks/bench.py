@@ -1,0 +1,592 @@
+"""Benchmark blip2_mini against `transformers` and against the machine itself (issues 3 and 8).
+
+    python benchmarks/bench.py [--shape full|quarter|tiny] [--dtype fp32,bf16,int8,int8-dyn,int8-dyn-lowmem]
+                               [--device cpu|cuda] [--threads 2] [--no-reference]
+
+What it does, in one run:
+1. Builds once (cached under benchmarks/cache/<shape>/) a blip2-opt-2.7b-shaped checkpoint with random weights
+   in the official layout: fp32, sharded at 2 GB with `model.safetensors.index.json`, the names and key set
+   that `transformers`' save_pretrained writes (the tied OPT head is not stored). `full` is the published
+   shape (ViT-g 39 x 1408, Q-Former 12 x 768 with 32 queries, OPT 32 x 2560, vocab 50304, 15.5 GB);
+   `quarter` keeps every width and cuts the depths to a quarter (ViT 10, Q-Former 3, OPT 8); `tiny` is for
+   checking that the script runs.
+2. Measures the machine: fp32 (and bf16) matmul peak in GFLOP/s, memory bandwidth in GB/s (a large copy,
+   counting bytes read + written, and a large sum, bytes read). Floors: vision encode = FLOPs / matmul peak;
+   decode per token = bytes of language-model weights / copy bandwidth.
+3. Measures each variant in its own subprocess, one after the other, ours and the reference alternately,
+   same threads, same inputs (one 224 px image, seed 0), same dtype: load (wall time, peak RSS), vision
+   encode, Q-Former, prefill (the 32 query slots + BOS), decode per token (greedy, 20 new tokens), beam search
+   (5 beams) per step, end-to-end caption (greedy and 5 beams, 20 new tokens; EOS suppressed so that every
+   run generates exactly 20 tokens). Per-token figures are (t(20 tokens) - t(1 token)) / 19.
+4. Writes the tables, with ratios ours / reference and ours / floor, and every target met or missed, to
+   benchmarks/RESULTS.md (benchmarks/RESULTS-<shape>.md for the smaller shapes).
+
+Variants (`--dtype`): fp32 and bf16 are run for both implementations. The int8 variants are ours only and are
+compared with the reference in fp32 (the issue's baseline) and with its best dtype:
+    int8              vision + Q-Former fp32 (the CPU computes fp32 fastest), language model int8 weight-only
+    int8-dyn          the same, int8 kernel that also rounds the matmul inputs to 8 bits (fbgemm)
+    int8-dyn-lowmem   int8-dyn with the vision encoder in bf16 (half its memory, slower on CPUs without bf16)
+The language model of an int8 variant is read from the file into bf16 and then quantized (quantize.py).
+
+Memory: peak RSS is the kernel's high-water mark (VmHWM) of the worker process, read right after loading and
+touching every page of the weights (both loaders may map same-dtype weights lazily) ("load peak"), then reset (/proc/self/clear_refs) and read again after the runs ("run peak");
+"pipeline peak" is the larger of the two. Each worker holds one model; the parent holds none.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / "cache"
+sys.path.insert(0, str(ROOT))
+
+NEW_TOKENS, BEAMS = 20, 5
+OURS_VARIANTS = {  # name -> (load dtype, dtype_policy, quantize activations or None)
+    "fp32": (torch.float32, None, None),
+    "bf16": (torch.bfloat16, None, None),
+    "int8": (torch.float32, {"language_model": torch.bfloat16}, "float"),
+    "int8-dyn": (torch.float32, {"language_model": torch.bfloat16}, "int8"),
+    "int8-dyn-lowmem": (torch.bfloat16, {"qformer": torch.float32, "query_tokens": torch.float32,
+                                         "language_projection": torch.float32}, "int8"),
+}
+REFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# ---- 1. the checkpoint ---------------------------------------------------------------------------------
+
+SHAPES = {
+    "full": dict(vision_layers=39, qformer_layers=12, lm_layers=32, vision=1408, qformer=768, lm=2560,
+                 vision_heads=16, qformer_heads=12, lm_heads=32, vision_ffn=6144, qformer_ffn=3072, lm_ffn=10240,
+                 vocab=50304),
+    "quarter": dict(vision_layers=10, qformer_layers=3, lm_layers=8, vision=1408, qformer=768, lm=2560,
+                    vision_heads=16, qformer_heads=12, lm_heads=32, vision_ffn=6144, qformer_ffn=3072,
+                    lm_ffn=10240, vocab=50304),
+    "tiny": dict(vision_layers=2, qformer_layers=2, lm_layers=2, vision=64, qformer=64, lm=64, vision_heads=4,
+                 qformer_heads=4, lm_heads=4, vision_ffn=128, qformer_ffn=128, lm_ffn=128, vocab=50304),
+}
+
+
+def reference_config(shape: str):
+    """The blip2-opt-2.7b config.json (as published), at the chosen depths and widths."""
+    from transformers import Blip2Config
+
+    s = SHAPES[shape]
+    vision = dict(hidden_size=s["vision"], intermediate_size=s["vision_ffn"], num_hidden_layers=s["vision_layers"],
+                  num_attention_heads=s["vision_heads"], image_size=224, patch_size=14, layer_norm_eps=1e-6,
+                  qkv_bias=True)
+    qformer = dict(hidden_size=s["qformer"], intermediate_size=s["qformer_ffn"], num_hidden_layers=s["qformer_layers"],
+                   num_attention_heads=s["qformer_heads"], cross_attention_frequency=2,
+                   encoder_hidden_size=s["vision"], vocab_size=30522)
+    text = dict(model_type="opt", hidden_size=s["lm"], ffn_dim=s["lm_ffn"], num_hidden_layers=s["lm_layers"],
+                num_attention_heads=s["lm_heads"], vocab_size=s["vocab"], max_position_embeddings=2048,
+                word_embed_proj_dim=s["lm"], bos_token_id=2, eos_token_id=50118, pad_token_id=1,
+                activation_function="relu", do_layer_norm_before=True, tie_word_embeddings=True)
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=32,
+                       image_token_index=50265)
+
+
+def random_tensor(name: str, shape, g: torch.Generator) -> torch.Tensor:
+    """A random fp32 value for one official tensor, with a spread that keeps activations O(1): matrices
+    ~ N(0, 1/fan_in), embeddings and queries ~ N(0, 0.5^2), norms ~ 1, biases small; the ViT's k bias is zero."""
+    if name.endswith("qkv.bias"):
+        t = torch.randn(shape, generator=g) * 0.02
+        t[shape[0] // 3: 2 * shape[0] // 3] = 0
+        return t
+    if len(shape) >= 2 and "embed" not in name and "query_tokens" not in name:
+        fan_in = 1
+        for n in shape[1:]:
+            fan_in *= n
+        return torch.randn(shape, generator=g) / fan_in ** 0.5
+    if len(shape) >= 2 or "class_embedding" in name:
+        return torch.randn(shape, generator=g) * 0.5
+    if ("norm" in name.lower()) and name.endswith("weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=g) * 0.02
+
+
+def build_checkpoint(shape: str) -> Path:
+    """Write (once) the random checkpoint for `shape` and return its directory."""
+    directory = CACHE / f"blip2-opt-2.7b-{shape}"
+    if (directory / "DONE").exists():
+        return directory
+    from safetensors.torch import save_file
+    from transformers import Blip2ForConditionalGeneration
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = reference_config(shape)
+    with torch.device("meta"):  # names and shapes only, no memory
+        skeleton = Blip2ForConditionalGeneration(config)
+    # save_pretrained leaves the tied head out; so do we (checked against it at small shapes).
+    tensors = [(n, tuple(t.shape)) for n, t in skeleton.state_dict().items() if n != "language_model.lm_head.weight"]
+    limit, g = 2 * 10 ** 9, torch.Generator().manual_seed(0)
+    shards, current, size = [], {}, 0
+    for name, tshape in tensors:  # fill shards of at most 2 GB, in the state-dict order
+        t = random_tensor(name, tshape, g)
+        if current and size + t.numel() * 4 > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.numel() * 4
+    shards.append(current)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards, start=1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = file
+            total += t.numel() * 4
+        print(f"  wrote {file}", file=sys.stderr)
+    shards.clear()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    config.save_pretrained(directory)
+    (directory / "DONE").write_text("ok\n")
+    return directory
+
+
+# ---- 2. the machine --------------------------------------------------------------------------------------
+
+
+def best_time(fn, repeats: int, sync=lambda: None, warmup=True) -> float:
+    """The fastest of `repeats` runs after one warm-up: the least disturbed by other processes."""
+    if warmup:
+        fn()
+        sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_machine(device: str) -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n = 4096 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device)
+    peak32 = 2 * n ** 3 / best_time(lambda: a @ a, 5, sync) / 1e9
+    # bf16 through F.linear: the oneDNN path that nn.Linear layers take (CPUs without native bf16 are slow).
+    ab = a[:1024, :1024].bfloat16()  # small: without native bf16 this path can be 100x slower than fp32
+    peak16 = 2 * 1024 ** 3 / best_time(lambda: torch.nn.functional.linear(ab, ab), 2, sync) / 1e9
+    del a, ab
+    big = torch.empty(2 ** 28, device=device)  # 1 GiB of fp32
+    big.normal_()
+    dst = torch.empty_like(big)
+    copy = 2 * big.numel() * 4 / best_time(lambda: dst.copy_(big), 5, sync) / 1e9  # read + write
+    read = big.numel() * 4 / best_time(lambda: big.sum(), 5, sync) / 1e9
+    return {"matmul_fp32_gflops": peak32, "matmul_bf16_gflops": peak16, "copy_gbs": copy, "read_gbs": read}
+
+
+def vision_flops(shape: str) -> float:
+    """Multiply-adds x 2 of the ViT on one 224 px image: patch embedding, then per layer the qkv, output and
+    MLP matmuls over P = 257 tokens plus the two attention products (P x P per head)."""
+    s, P = SHAPES[shape], 257
+    D, F = s["vision"], s["vision_ffn"]
+    per_layer = 2 * P * (3 * D * D + D * D + 2 * D * F) + 2 * 2 * P * P * D
+    return 2 * (P - 1) * 3 * 14 * 14 * D + s["vision_layers"] * per_layer
+
+
+def lm_weight_bytes(shape: str, variant: str) -> float:
+    """Bytes of language-model weights one decoding step reads: every layer and the (tied) head once."""
+    s = SHAPES[shape]
+    D, F, V = s["lm"], s["lm_ffn"], s["vocab"]
+    matrices = s["lm_layers"] * (4 * D * D + 2 * D * F) + V * D
+    vectors = s["lm_layers"] * (4 * D + F + D + 4 * D) + 2 * D  # biases, norms, final norm
+    if variant.startswith("int8"):
+        out_channels = s["lm_layers"] * (4 * D + F + D) + V  # one fp32 scale each
+        return matrices * 1 + 4 * (out_channels + vectors)
+    size = 2 if variant == "bf16" else 4
+    return (matrices + vectors) * size
+
+
+# ---- 3. one variant, in a worker process ------------------------------------------------------------------
+
+
+def rss_peak_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def rss_now_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def reset_rss_peak():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def module_bytes(model) -> int:
+    """Bytes held by the model's tensors (parameters, buffers, and fbgemm's packed int8 weights)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if getattr(m, "packed", None) is not None:
+            total += m.in_features * m.out_features + 8 * m.out_features
+    return total
+
+
+def worker(impl: str, variant: str, directory: Path, device: str, threads: int, repeats: int, out: Path):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    baseline = rss_now_gb()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if impl == "ours":
+        from blip2_mini import decode, load_model
+        from blip2_mini.model import OPTSession
+        from blip2_mini.quantize import quantize_language_model
+        dtype, policy, activations = OURS_VARIANTS[variant]
+        baseline = rss_now_gb()
+        start = time.perf_counter()
+        model = load_model(directory, dtype=dtype, device=device, dtype_policy=policy, progress=False)
+        if activations is not None:
+            quantize_language_model(model, activations)
+    else:
+        import transformers
+        from transformers import Blip2ForConditionalGeneration
+        transformers.logging.set_verbosity_error()
+        baseline = rss_now_gb()
+        start = time.perf_counter()
+        model = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=REFERENCE_DTYPES[variant],
+                                                              device_map=device if device == "cuda" else None)
+        model.eval()
+    sync()
+    load_s = time.perf_counter() - start
+    # Both loaders may leave same-dtype weights memory-mapped and read them lazily, on first use: touch one
+    # value per 4 KiB page of every tensor so that "load peak" means the weights are really in memory.
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t is not None and t.numel() and t.device.type == "cpu":
+                flat = t.detach().reshape(-1)
+                flat[::max(1, 4096 // t.element_size())].float().sum()
+    r = {"impl": impl, "variant": variant, "load_s": load_s, "rss_baseline_gb": baseline,
+         "load_peak_gb": rss_peak_gb(), "model_gb": module_bytes(model) / 1e9, "loadavg": os.getloadavg()[0]}
+    reset_rss_peak()
+
+    g = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(1, 3, 224, 224, generator=g).to(device)
+    vision_dtype = next(model.vision_model.parameters()).dtype
+    timed = lambda fn, n=repeats: best_time(fn, n, sync)  # noqa: E731
+
+    with torch.no_grad():
+        pv = pixel_values.to(vision_dtype)
+        if impl == "ours":
+            image = model.encode_image(pv)
+            r["vision_s"] = timed(lambda: model.encode_image(pv))
+            queries = model.query(image)
+            r["qformer_s"] = timed(lambda: model.query(image))
+            embeds, mask = model.language_model_inputs(model.project(queries))
+            lm = model.language_model
+            r["prefill_s"] = timed(lambda: lm(embeds, mask, lm.new_cache()))
+            prompt_ids = model.default_prompt_ids(embeds)
+            text = model.config.text_config
+
+            def lm_generate(n, beams):
+                return decode.generate(OPTSession(lm, embeds, mask), prompt_ids, max_new_tokens=n, min_new_tokens=n,
+                                       num_beams=beams, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+
+            def caption(beams):
+                return model.generate(pixel_values, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                      num_beams=beams)
+
+            logits = lm(embeds, mask)[0]  # (L, V): saved to compare the int8 variants with fp32
+        else:
+            image = model.vision_model(pixel_values=pv).last_hidden_state
+            r["vision_s"] = timed(lambda: model.vision_model(pixel_values=pv))
+            query_tokens = model.query_tokens.expand(1, -1, -1)
+            q = lambda: model.qformer(query_embeds=query_tokens, encoder_hidden_states=image)  # noqa: E731
+            r["qformer_s"] = timed(q)
+            projected = model.language_projection(q().last_hidden_state)
+            ids = torch.tensor([[model.config.image_token_index] * model.config.num_query_tokens
+                                + [model.config.text_config.bos_token_id]], device=device)
+            embeds = model.get_input_embeddings()(ids).clone()
+            embeds[:, :model.config.num_query_tokens] = projected.to(embeds.dtype)
+            mask = torch.ones_like(ids)
+            lm = model.language_model
+            r["prefill_s"] = timed(lambda: lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True))
+
+            def lm_generate(n, beams):
+                return lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                   num_beams=beams, do_sample=False, early_stopping=False)
+
+            def caption(beams):
+                out = model.generate(pixel_values=pixel_values, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                     num_beams=beams, do_sample=False, early_stopping=False)
+                return out[:, -NEW_TOKENS:]
+
+            logits = lm(inputs_embeds=embeds, attention_mask=mask).logits[0]
+
+        # Generation runs are long: the stages above warmed everything up, so no warm-up run here, and a
+        # single run each when repeats < 3 (the full shape).
+        gen_repeats = 1 if repeats < 3 else 2
+        gen_timed = lambda fn: best_time(fn, gen_repeats, sync, warmup=False)  # noqa: E731
+        for label, beams in (("greedy", 1), ("beam", BEAMS)):
+            one = gen_timed(lambda: lm_generate(1, beams))
+            full = gen_timed(lambda: lm_generate(NEW_TOKENS, beams))
+            r[f"{label}_step_s"] = (full - one) / (NEW_TOKENS - 1)
+        tokens = {}
+        for label, beams in (("greedy", 1), ("beam", BEAMS)):
+            r[f"caption_{label}_s"] = gen_timed(lambda: tokens.__setitem__(label, caption(beams)[0].tolist()))
+            r[f"{label}_tokens"] = tokens[label]
+        r["first_token_s"] = r["vision_s"] + r["qformer_s"] + r["prefill_s"]
+    torch.save(logits.float().cpu(), out.with_suffix(".logits.pt"))
+    r["run_peak_gb"] = rss_peak_gb()
+    r["pipeline_peak_gb"] = max(r["run_peak_gb"], r["load_peak_gb"])
+    out.write_text(json.dumps(r, indent=2))
+
+
+def run_worker(impl, variant, directory, args) -> dict:
+    out = CACHE / "runs" / f"{args.shape}-{impl}-{variant}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, __file__, "--worker", impl, "--dtype", variant, "--shape", args.shape,
+               "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    print(f"[{time.strftime('%H:%M:%S')}] {impl} {variant} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(command, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"impl": impl, "variant": variant, "error": f"exit status {proc.returncode}"}
+    r = json.loads(out.read_text())
+    r["logits_file"] = str(out.with_suffix(".logits.pt"))
+    print(f"    load {r['load_s']:.1f}s, vision {r['vision_s']:.2f}s, decode {r['greedy_step_s'] * 1e3:.0f} ms/token,"
+          f" peak {r['pipeline_peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+    return r
+
+
+# ---- 4. the report ---------------------------------------------------------------------------------------
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if unit == "ms":
+        return f"{x * 1e3:.0f} ms"
+    if unit == "s":
+        return f"{x:.2f} s"
+    if unit == "GB":
+        return f"{x:.2f} GB"
+    if unit == "x":
+        return f"{x:.2f}x"
+    return f"{x}"
+
+
+def logits_error(a_file, b_file):
+    a, b = torch.load(a_file), torch.load(b_file)
+    d = a - b
+    return {"relative": float(d.norm() / b.norm()), "max_over_std": float(d.abs().max() / b.std()),
+            "argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def write_report(args, machine, results, path):
+    s = SHAPES[args.shape]
+    ours = {r["variant"]: r for r in results if r["impl"] == "ours" and "error" not in r}
+    ref = {r["variant"]: r for r in results if r["impl"] == "reference" and "error" not in r}
+    vflops = vision_flops(args.shape)
+    peak = {"fp32": machine["matmul_fp32_gflops"], "bf16": machine["matmul_bf16_gflops"]}
+    floors = {}
+    for v in ours:
+        vdt = "bf16" if v in ("bf16", "int8-dyn-lowmem") else "fp32"
+        floors[v] = {"vision_s": vflops / peak[vdt] / 1e9,
+                     "greedy_step_s": lm_weight_bytes(args.shape, v) / machine["copy_gbs"] / 1e9}
+    lines = [f"# Benchmark: blip2_mini vs transformers {_version('transformers')} ({args.shape} shape)", ""]
+    lines += [f"Command: `python benchmarks/bench.py --shape {args.shape} --dtype {args.dtype} --device {args.device}"
+              f" --threads {args.threads}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+              f"CPU: {_cpu_name()}; {args.threads} threads; torch {torch.__version__}; device {args.device}.  ",
+              f"Shape: ViT {s['vision_layers']} x {s['vision']}, Q-Former {s['qformer_layers']} x {s['qformer']} "
+              f"(32 queries), OPT {s['lm_layers']} x {s['lm']}, vocab {s['vocab']}; random weights, fp32 shards on disk.  ",
+              "Each variant ran in its own process, one after the other (load average at its start in the last "
+              "table). Times are the best of the repeats; per-token = (t(20) - t(1)) / 19.", ""]
+    busy = [r["loadavg"] for r in results if "error" not in r and r["loadavg"] > 1.5]
+    if busy:
+        lines += [f"**Warning: {len(busy)} of the runs started on a busy machine (load average up to {max(busy):.1f} "
+                  f"on {os.cpu_count()} cores): other processes competed for the cores, so times are inflated "
+                  "unevenly and ratios are unreliable.**", ""]
+    lines += ["## The machine (measured in this run)", "",
+              "| fp32 matmul | bf16 matmul | copy bandwidth (read + write) | read bandwidth |", "|---|---|---|---|",
+              f"| {machine['matmul_fp32_gflops']:.0f} GFLOP/s | {machine['matmul_bf16_gflops']:.0f} GFLOP/s | "
+              f"{machine['copy_gbs']:.1f} GB/s | {machine['read_gbs']:.1f} GB/s |", "",
+              f"Floors: vision encode = {vflops / 1e9:.0f} GFLOP / matmul peak of its dtype; decode per token = "
+              "language-model weight bytes (layers + tied head) / copy bandwidth.", ""]
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    rows = [("load", "load_s", "s"), ("vision encode", "vision_s", "ms"), ("Q-Former", "qformer_s", "ms"),
+            ("prefill (33 tokens)", "prefill_s", "ms"), ("first token (vision + Q-Former + prefill)", "first_token_s", "ms"),
+            ("decode per token, greedy", "greedy_step_s", "ms"), ("beam search (5) per step", "beam_step_s", "ms"),
+            ("caption, greedy, 20 tokens", "caption_greedy_s", "s"), ("caption, 5 beams, 20 tokens", "caption_beam_s", "s"),
+            ("model bytes in memory", "model_gb", "GB"), ("peak RSS, load", "load_peak_gb", "GB"),
+            ("peak RSS, whole pipeline", "pipeline_peak_gb", "GB")]
+    lines += ["## Ours vs the reference, same dtype", "",
+              "int8 variants are compared with the reference in fp32.", ""]
+    for v, r in ours.items():
+        base_name = v if v in ref else "fp32"
+        b = ref.get(base_name)
+        lines += [f"### {v}" + ("" if v in ref else f"  (reference: {base_name})"), "",
+                  "| stage | ours | reference | ours / ref | floor | ours / floor |", "|---|---|---|---|---|---|"]
+        for label, key, unit in rows:
+            fl = floors[v].get(key)
+            theirs = b.get(key) if b else None
+            lines.append(f"| {label} | {fmt(r.get(key), unit)} | {fmt(theirs, unit)} | {fmt(ratio(r.get(key), theirs), 'x')}"
+                         f" | {fmt(fl, unit)} | {fmt(ratio(r.get(key), fl), 'x')} |")
+        lines.append("")
+
+    # accuracy of the int8 variants against our fp32 run (prefill logits over the 33 prompt positions)
+    accuracy = {}
+    if "fp32" in ours:
+        for v, r in ours.items():
+            if v != "fp32" and v.startswith(("int8", "bf16")):
+                accuracy[v] = logits_error(r["logits_file"], ours["fp32"]["logits_file"])
+                accuracy[v]["greedy_same"] = r["greedy_tokens"] == ours["fp32"]["greedy_tokens"]
+    if "fp32" in ref and "fp32" in ours:
+        accuracy["reference fp32"] = logits_error(ref["fp32"]["logits_file"], ours["fp32"]["logits_file"])
+        accuracy["reference fp32"]["greedy_same"] = ref["fp32"]["greedy_tokens"] == ours["fp32"]["greedy_tokens"]
+    if accuracy:
+        lines += ["## Logits against ours in fp32 (prefill, all 33 positions)", "",
+                  "| variant | relative error | max error / std | argmax equal | same 20 greedy tokens |",
+                  "|---|---|---|---|---|"]
+        for v, a in accuracy.items():
+            lines.append(f"| {v} | {a['relative'] * 100:.2f} % | {a['max_over_std'] * 100:.2f} % | "
+                         f"{a['argmax_equal'] * 100:.0f} % | {'yes' if a['greedy_same'] else 'no'} |")
+        lines.append("")
+
+    lines += ["## Targets (issue 8, and issue 3's load benchmark)", "", "| target | figure | met? |", "|---|---|---|"]
+    lines += _targets(ours, ref, floors, accuracy)
+    lines += ["", "## Runs", "", "| impl | variant | load average at start | greedy caption tokens |", "|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['variant']} | - | FAILED: {r['error']} |")
+        else:
+            lines.append(f"| {r['impl']} | {r['variant']} | {r['loadavg']:.2f} | {r['greedy_tokens'][:8]}... |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _targets(ours, ref, floors, accuracy):
+    out = []
+
+    def add(name, value, ok):
+        out.append(f"| {name} | {value} | {'met' if ok else 'missed'} |")
+
+    for v in ("fp32", "bf16"):
+        if v in ours:
+            x = ours[v]["vision_s"] / floors[v]["vision_s"]
+            add(f"vision encode within 1.2x of its compute floor ({v})", f"{x:.2f}x", x <= 1.2)
+    for v, r in ours.items():
+        x = r["greedy_step_s"] / floors[v]["greedy_step_s"]
+        add(f"decode per token within 1.2x of the bandwidth floor ({v})", f"{x:.2f}x", x <= 1.2)
+    for v, r in ours.items():
+        x = r["beam_step_s"] / r["greedy_step_s"]
+        add(f"beam (5) step <= 1.3x greedy step ({v})", f"{x:.2f}x", x <= 1.3)
+    best_ref = min(ref.values(), key=lambda r: r["caption_greedy_s"]) if ref else None
+    best_ref_beam = min(ref.values(), key=lambda r: r["caption_beam_s"]) if ref else None
+    for v, r in ours.items():
+        if not v.startswith("int8") or "fp32" not in ref:
+            continue
+        x = ref["fp32"]["greedy_step_s"] / r["greedy_step_s"]
+        add(f"int8 decode >= 3x faster than the reference fp32 ({v})", f"{x:.2f}x", x >= 3)
+        x = r["pipeline_peak_gb"] / ref["fp32"]["pipeline_peak_gb"]
+        add(f"int8 pipeline peak RSS <= 40% of the reference fp32 peak ({v})",
+            f"{r['pipeline_peak_gb']:.2f} / {ref['fp32']['pipeline_peak_gb']:.2f} GB = {x * 100:.0f} %", x <= 0.4)
+        if v in accuracy:
+            a = accuracy[v]
+            tol = (0.02, 0.05) if v == "int8" else (0.04, 0.10)
+            add(f"int8 logits within the documented tolerance of fp32 ({v}: rel <= {tol[0]:.0%}, max <= {tol[1]:.0%} std)",
+                f"rel {a['relative'] * 100:.2f} %, max {a['max_over_std'] * 100:.2f} % of std",
+                a["relative"] <= tol[0] and a["max_over_std"] <= tol[1])
+    for v, r in ours.items():
+        if best_ref:
+            x = best_ref["caption_greedy_s"] / r["caption_greedy_s"]
+            add(f"caption greedy >= 1.8x faster than the reference's best ({best_ref['variant']}) ({v})", f"{x:.2f}x", x >= 1.8)
+            x = best_ref_beam["caption_beam_s"] / r["caption_beam_s"]
+            add(f"caption beam 5 >= 1.5x faster than the reference's best ({best_ref_beam['variant']}) ({v})",
+                f"{x:.2f}x", x >= 1.5)
+    for v in ("fp32", "bf16"):
+        if v in ours:
+            r = ours[v]
+            x = r["load_peak_gb"] / r["model_gb"]
+            add(f"load peak RSS <= 1.15x the loaded model's bytes ({v})",
+                f"{r['load_peak_gb']:.2f} GB / {r['model_gb']:.2f} GB = {x:.2f}x", x <= 1.15)
+            if v in ref:
+                add(f"load time no worse than the reference ({v})",
+                    f"{r['load_s']:.1f} s vs {ref[v]['load_s']:.1f} s", r["load_s"] <= ref[v]["load_s"])
+    return out
+
+
+def _version(package):
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return "?"
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="full")
+    parser.add_argument("--dtype", default="fp32,bf16,int8,int8-dyn,int8-dyn-lowmem",
+                        help="comma-separated variants: " + ", ".join(OURS_VARIANTS))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default: 2 full, 3 otherwise)")
+    parser.add_argument("--no-reference", action="store_true", help="measure blip2_mini only")
+    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.dtype.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in OURS_VARIANTS]
+    if unknown:
+        parser.error(f"unknown --dtype {unknown}; choose from {', '.join(OURS_VARIANTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda":
+        variants = [v for v in variants if not v.startswith("int8")]  # the int8 kernels here are CPU kernels
+    args.repeats = args.repeats or (2 if args.shape == "full" else 3)
+    directory = CACHE / f"blip2-opt-2.7b-{args.shape}"
+    if args.worker:
+        worker(args.worker, variants[0], directory, args.device, args.threads, args.repeats,
+               CACHE / "runs" / f"{args.shape}-{args.worker}-{variants[0]}.json")
+        return
+
+    torch.set_num_threads(args.threads)
+    print(f"checkpoint: {build_checkpoint(args.shape)}", file=sys.stderr)
+    machine = measure_machine(args.device)
+    print(f"machine: {machine}", file=sys.stderr)
+    results = []
+    path = ROOT / "benchmarks" / ("RESULTS.md" if args.shape == "full" else f"RESULTS-{args.shape}.md")
+    for v in variants:  # ours and the reference alternately, one process each; the report is rewritten as we go
+        results.append(run_worker("ours", v, directory, args))
+        if v in REFERENCE_DTYPES and not args.no_reference:
+            results.append(run_worker("reference", v, directory, args))
+        write_report(args, machine, results, path)
+    (CACHE / "runs" / f"{args.shape}-summary.json").write_text(json.dumps({"machine": machine, "results": results},
+                                                                          indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

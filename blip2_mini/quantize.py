@@ -1,0 +1,179 @@
+"""Int8 weights for the language model: 4x fewer bytes to read per generated token.
+
+Why: generating a caption is mostly *decoding*, one token at a time. Each step multiplies a single activation
+row (1, D) by every weight matrix of the language model, so each weight is read once and used for one
+multiply-add. The step is limited by how fast memory delivers the weights, not by arithmetic: OPT-2.7b's
+2.7 B weights are 10.6 GB in fp32, 5.3 GB in bf16 and 2.7 GB in int8. Fewer bytes per weight is the only way to
+decode faster than `weight bytes / memory bandwidth` (benchmarks/ measures both on your machine).
+
+The scheme (symmetric, per output channel, weights only; cf. LLM.int8(), Dettmers et al. 2022, whose
+vector-wise scales this is, without the outlier decomposition):
+
+    for each output row o of a Linear weight W (O, I):
+        s[o]    = max_i |W[o, i]| / 127                      one fp32 scale per output channel
+        q[o, i] = round(W[o, i] / s[o])   in [-127, 127]     int8: 1 byte instead of 4 (fp32) or 2 (bf16)
+
+so W[o, i] ~= s[o] * q[o, i], with an error of at most s[o] / 2 per weight. A per-channel scale (rather than
+one for the whole matrix) keeps one row with large weights from coarsening all the others.
+
+The matmul: because s depends only on the output channel, it factors out of the sum over inputs,
+
+    y[b, o] = sum_i x[b, i] * W[o, i] ~= s[o] * sum_i x[b, i] * q[o, i]      i.e.  y = (x @ q^T) * s + bias
+
+so the int8 matrix is multiplied as it is and the scale is one multiply per output. Two kernels compute it:
+
+- activations="float" (the default, truly weight-only: x stays fp32): `q` is converted to floats in blocks of
+  rows small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact
+  apart from the rounding of the weights. It saves memory; whether it is faster than fp32 depends on how fast
+  the CPU converts int8 to float (see benchmarks/RESULTS.md).
+- activations="int8" (x is quantized too): PyTorch's fbgemm kernel `quantized::linear_dynamic` also rounds each
+  call's input x to 8 bits (one scale and zero point for the whole input, computed on the fly), then runs an
+  integer matmul reading the int8 weights directly. Much faster on x86 CPUs, a little less accurate. We ask for
+  7-bit inputs ("reduce_range"): without VNNI instructions (AVX2 CPUs) fbgemm adds pairs of u8 x s8 products
+  in 16 bits, which saturate with full 8-bit inputs (measured: 3x larger errors).
+
+What is quantized: every nn.Linear inside `model.language_model` and OPT's tied output head. The head is the
+token embedding table itself (opt.py: logits = x @ embed_tokens^T), and the table's rows are the head's output
+channels, so one int8 table with per-row scales serves both the input lookup and the output head. Everything
+else of the language model (LayerNorms, biases, position table) is small and stays in float, converted to fp32,
+so the language model then computes in fp32 (its input is cast to it at the stage boundary, model.py).
+
+Usage:
+    model = blip2_mini.load_model(path, dtype=torch.float32)
+    quantize_language_model(model)                       # in place; returns the model
+
+Notation: B rows (tokens) in the call, I input features, O output features, V vocabulary, D model width.
+"""
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INT8_MAX = 127
+# Weight-only kernel: rows of q converted to float per block, sized to stay in the CPU cache (8 MiB of fp32).
+BLOCK_ELEMENTS = 1 << 21
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, I) float weight -> q (O, I) int8 and per-output-channel scales s (O,) fp32, with W ~= s[:, None] * q."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / INT8_MAX  # (O,)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale gives q = 0
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # (O, I)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float matrix that q and s stand for: (O, I) fp32."""
+    return q.float() * scale[:, None]
+
+
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer y = x W^T + b whose weight is stored as int8 + per-output-channel scales."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activations: str = "float"):
+        super().__init__()
+        if activations not in ("float", "int8"):
+            raise ValueError(f"quantize: activations must be 'float' (weight-only) or 'int8', got {activations!r}")
+        if activations == "int8" and not _fbgemm_available():
+            raise ValueError("quantize: activations='int8' needs PyTorch's fbgemm engine (x86 CPUs); "
+                             "use activations='float'")
+        self.out_features, self.in_features = q.shape
+        self.activations = activations
+        self.register_buffer("scale", scale.float())  # (O,)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())  # (O,)
+        if activations == "float":
+            self.register_buffer("weight_int8", q)  # (O, I)
+            self.packed = None
+        else:
+            # fbgemm keeps its own packed (tiled) copy of q and applies s and the bias itself.
+            zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+            with warnings.catch_warnings():  # PyTorch flags its quantized tensor types as deprecated
+                warnings.simplefilter("ignore", UserWarning)
+                qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+            self.weight_int8 = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activations: str = "float") -> "Int8Linear":
+        q, scale = quantize_weight(linear.weight)
+        return cls(q, scale, linear.bias, activations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).float()  # (B, I)
+        if self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # reduce_range=True: see the docstring
+            return y.reshape(*shape[:-1], self.out_features)
+        # Weight-only: y = (x @ q^T) * s + b, with q converted to float one cache-sized block of rows at a time,
+        # so the fp32 copy of a block is used while it is still in cache and never exists for the whole matrix.
+        rows = max(1, BLOCK_ELEMENTS // self.in_features)
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)  # (B, O)
+        for start in range(0, self.out_features, rows):
+            block = self.weight_int8[start:start + rows].to(x.dtype)  # (r, I), still unscaled
+            y[:, start:start + rows] = x @ block.T  # (B, I) @ (I, r) -> (B, r)
+        y = y * self.scale  # the per-output-channel scale, factored out of the sum over I
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one scale per row: lookup = q[ids] * s[ids]."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.register_buffer("weight_int8", q)  # (V, D)
+        self.register_buffer("scale", scale.float())  # (V,)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8[ids].float() * self.scale[ids][..., None]  # (..., D)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+@torch.no_grad()
+def quantize_language_model(model: nn.Module, activations: str = "float") -> nn.Module:
+    """Replace the language model's Linear layers (and OPT's tied head) by int8 ones, in place; return the model.
+
+    `model` is a blip2_mini Blip2 (or its language model). activations="float" keeps the inputs of every
+    matmul in fp32 (weight-only); "int8" also quantizes them, per call (faster on x86, see the module docstring).
+    Each float weight is released as soon as its int8 replacement exists, so the peak is the float model plus
+    one matrix. Apply it once: a quantized model cannot be quantized again.
+    """
+    lm = getattr(model, "language_model", model)
+    if lm is None:
+        raise ValueError("quantize: this checkpoint has no language model (a retrieval checkpoint)")
+    if any(isinstance(m, (Int8Linear, Int8Embedding)) for m in lm.modules()):
+        raise ValueError("quantize: the language model is already quantized")
+    if activations not in ("float", "int8"):
+        raise ValueError(f"quantize: activations must be 'float' (weight-only) or 'int8', got {activations!r}")
+
+    # OPT's tied head: quantize the embedding table once, per row (= per output channel of the head).
+    tied = getattr(lm, "lm_head", "absent") is None and isinstance(getattr(lm, "embed_tokens", None), nn.Embedding)
+    if tied:
+        q, scale = quantize_weight(lm.embed_tokens.weight)
+        lm.embed_tokens = Int8Embedding(q, scale)
+        lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q when activations="float"
+
+    linears = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in linears:
+        parent_name, _, child = name.rpartition(".")
+        parent = lm.get_submodule(parent_name) if parent_name else lm
+        setattr(parent, child, Int8Linear.from_linear(linear, activations))
+        linear.weight = None  # release the float weight now rather than at the end
+
+    # What is left in float (norms, position table, T5's shared embedding) is small: compute in fp32.
+    lm.float()
+    return model
