@@ -174,6 +174,10 @@ def measure_machine(device: str) -> dict:
     n = 4096 if device == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     peak32 = 2 * n ** 3 / best_time(lambda: a @ a, 5, sync) / 1e9
+    # nn.Linear takes oneDNN's path, which can beat torch.mm's BLAS (e.g. MKL on AMD CPUs): take the best of
+    # both, measured on the ViT-g MLP's own shape (257 tokens x 1408 -> 6144).
+    x, w = torch.randn(257, 1408, device=device), torch.randn(6144, 1408, device=device)
+    peak32 = max(peak32, 2 * 257 * 1408 * 6144 / best_time(lambda: torch.nn.functional.linear(x, w), 10, sync) / 1e9)
     # bf16 through F.linear: the oneDNN path that nn.Linear layers take (CPUs without native bf16 are slow).
     ab = a[:1024, :1024].bfloat16()  # small: without native bf16 this path can be 100x slower than fp32
     peak16 = 2 * 1024 ** 3 / best_time(lambda: torch.nn.functional.linear(ab, ab), 2, sync) / 1e9
