@@ -34,7 +34,7 @@ def stored():
 
 
 def rebuild_pil(entry: dict, raw: np.ndarray) -> Image.Image:
-    """The image the builder gave the reference, byte for byte (twin of the builder's rebuild_pil)."""
+    """The image the builder gave the reference, byte for byte (the builder imports this function)."""
     image = Image.frombytes(entry["mode"], tuple(entry["size"]), raw.tobytes())
     if entry["palette"] is not None:
         image.putpalette(entry["palette"])

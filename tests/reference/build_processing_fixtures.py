@@ -231,15 +231,9 @@ def as_levels(pixels: np.ndarray, settings: dict) -> tuple[np.ndarray, np.ndarra
     return table, levels
 
 
-def rebuild_pil(entry: dict, raw: np.ndarray) -> Image.Image:
-    """The test's twin of this function lives in tests/test_processing.py."""
-    image = Image.frombytes(entry["mode"], tuple(entry["size"]), raw.tobytes())
-    if entry["palette"] is not None:
-        image.putpalette(entry["palette"])
-    if entry["transparency"] is not None:
-        t = entry["transparency"]
-        image.info["transparency"] = tuple(t) if isinstance(t, list) else t
-    return image
+# The test's rebuild_pil is the one definition of how a stored entry becomes an image again.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_processing import rebuild_pil  # noqa: E402
 
 
 # ---- the processor --------------------------------------------------------------------------------------------
