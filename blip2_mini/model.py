@@ -250,12 +250,12 @@ class OPTSession:
         self.mask = self.mask.repeat_interleave(n, dim=0)
 
     def prefill(self):
-        return self.lm(self.embeds, self.mask, self.cache)[:, -1]  # (N, V) logits after the prompt
+        return self.lm(self.embeds, self.mask, self.cache, last_only=True)[:, -1]  # (N, V) logits after the prompt
 
     def step(self, tokens):
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         embeds = self.lm.embed_tokens(tokens[:, None])  # (N, 1, D)
-        return self.lm(embeds, self.mask, self.cache)[:, -1]
+        return self.lm(embeds, self.mask, self.cache, last_only=True)[:, -1]
 
     def reorder(self, index):
         self.cache.reorder(index)

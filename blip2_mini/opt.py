@@ -84,9 +84,10 @@ class OPT(nn.Module):
         return KVCache()
 
     def forward(self, inputs_embeds, attention_mask=None, cache: KVCache | None = None,
-                output_hidden_states=False):
+                output_hidden_states=False, last_only=False):
         """inputs_embeds (B, T, D) for the new tokens; attention_mask (B, S) over past + new tokens (1 real,
         0 padding; None = all real). Returns logits (B, T, V); the cache, if given, is extended in place.
+        With `last_only`, logits (B, 1, V) of the last position only (what generation needs).
         With `output_hidden_states`, also returns the list of the embeddings and every layer's output."""
         B, T, D = inputs_embeds.shape
         if D != self.embed_tokens.embedding_dim:
@@ -115,6 +116,10 @@ class OPT(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, bias, cache, i)
             hidden_states.append(x)
+        if last_only:
+            # Generation reads only the next-token logits. The head (V x D, the largest matrix of the model)
+            # would otherwise score every prompt position too: ~T times the work for nothing during prefill.
+            x = x[:, -1:]  # (B, 1, D)
         x = self.final_norm(x)
         logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
         return (logits, hidden_states) if output_hidden_states else logits

@@ -117,3 +117,25 @@ def test_retrieval_checkpoint_cannot_generate():
     model = load_model(FIXTURES / "itm-base", progress=False)
     with pytest.raises(ValueError, match="retrieval checkpoint"):
         model.generate(torch.randn(1, 3, 28, 28))
+
+
+def test_prefill_scores_only_the_last_position():
+    """Generation needs the next-token logits only: OPT's prefill runs the final norm and the (V x D) head on
+    the last position, and gives the same logits as the full forward pass."""
+    from blip2_mini.model import OPTSession
+
+    model, stored, _ = fixture("opt-base")
+    lm = model.language_model
+    with torch.no_grad():
+        embeds, mask = model.language_model_inputs(model.image_prompt(stored["input.pixel_values"]),
+                                                   stored["input.input_ids"], stored["input.attention_mask"])
+        full = lm(embeds, mask)  # (B, T, V): forward() still scores every position
+        seen = []
+        hook = lm.final_norm.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+        try:
+            last = OPTSession(lm, embeds, mask).prefill()  # (B, V)
+        finally:
+            hook.remove()
+    assert full.shape[1] == embeds.shape[1] > 1
+    assert seen == [(embeds.shape[0], 1, embeds.shape[2])]
+    torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-5)
