@@ -24,19 +24,33 @@ so the int8 matrix is multiplied as it is and the scale is one multiply per outp
 
 - activations="float" (the default, truly weight-only: x stays fp32): `q` is converted to floats in blocks of
   rows small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact
-  apart from the rounding of the weights. It saves memory; whether it is faster than fp32 depends on how fast
-  the CPU converts int8 to float (see benchmarks/RESULTS.md).
+  apart from the rounding of the weights. It saves memory, but it is barely faster than fp32: the int8 -> fp32
+  conversion runs at ~6 G weights/s per core (measured, AVX2 EPYC, torch 2.13), about the rate at which fp32
+  weights stream from RAM (~5 G/s = 20 GB/s). Per OPT-2.7b layer at 1 thread (busy machine): fp32 28 ms,
+  weight-only 38 ms (one row) / 98 ms vs fp32 132 ms (5 rows, beam search); fbgemm below: 7.5 / 8.4 ms.
+  The ceiling of this kernel is the conversion: 2.65 G weights / 6 G/s = 0.44 s per token per core, so it
+  cannot reach 1 byte / weight / bandwidth (0.15 s at 18 GB/s). A kernel converting in registers would.
 - activations="int8" (x is quantized too): PyTorch's fbgemm kernel `quantized::linear_dynamic` also rounds each
   call's input x to 8 bits (one scale and zero point for the whole input, computed on the fly), then runs an
   integer matmul reading the int8 weights directly. Much faster on x86 CPUs, a little less accurate. We ask for
   7-bit inputs ("reduce_range"): without VNNI instructions (AVX2 CPUs) fbgemm adds pairs of u8 x s8 products
   in 16 bits, which saturate with full 8-bit inputs (measured: 3x larger errors).
 
-What is quantized: every nn.Linear inside `model.language_model` and OPT's tied output head. The head is the
-token embedding table itself (opt.py: logits = x @ embed_tokens^T), and the table's rows are the head's output
-channels, so one int8 table with per-row scales serves both the input lookup and the output head. Everything
-else of the language model (LayerNorms, biases, position table) is small and stays in float, converted to fp32,
-so the language model then computes in fp32 (its input is cast to it at the stage boundary, model.py).
+What is quantized: every nn.Linear inside `model.language_model` except the output head. The head (OPT: the
+token embedding table itself, opt.py: logits = x @ embed_tokens^T) stays in fp32 by default: it is 5 % of
+OPT-2.7b's weights, but its errors go straight into the logits that choose each token, and on the trained toy
+model it alone decides whether captions survive (measured below). With quantize_head=True the table's rows,
+which are the head's output channels, get one int8 table with per-row scales that serves both the input lookup
+and the output head. Everything else (LayerNorms, biases, position table) is small and stays in float,
+converted to fp32, so the language model computes in fp32 (its input is cast at the stage boundary, model.py).
+
+Accuracy (measured): logits vs fp32, see tests/test_quantize.py for the tolerance and the fixture figures. On
+the trained toy model (weights/blip2-shapes-tiny, benchmarks/int8_captions.py, 200 test scenes, 40 greedy
+tokens) the share of captions identical to fp32:
+    head int8 (quantize_head=True):   weight-only 89.0 %,  int8 activations 83.5 %
+    head fp32 (the default):          weight-only 96.0 %,  int8 activations 89.5 %
+Per-group scales (one per 128 input channels) instead of per output channel: 89.5 % / 96.0 % (weight-only,
+simulated), no better than keeping the head in fp32; so the scales stay per output channel.
 
 Usage:
     model = blip2_mini.load_model(path, dtype=torch.float32)
@@ -52,8 +66,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 INT8_MAX = 127
-# Weight-only kernel: rows of q converted to float per block, sized to stay in the CPU cache (8 MiB of fp32).
-BLOCK_ELEMENTS = 1 << 21
+# Weight-only kernel: rows of q converted to float per block, sized to stay in the CPU cache (2 MiB of fp32:
+# within L3; measured fastest of 1-8 MiB at the OPT-2.7b shapes, on a busy machine).
+BLOCK_ELEMENTS = 1 << 19
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +126,18 @@ class Int8Linear(nn.Module):
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # reduce_range=True: see the docstring
             return y.reshape(*shape[:-1], self.out_features)
-        # Weight-only: y = (x @ q^T) * s + b, with q converted to float one cache-sized block of rows at a time,
-        # so the fp32 copy of a block is used while it is still in cache and never exists for the whole matrix.
+        # Weight-only: y = (x @ q^T) * s + b, with q converted to float one cache-sized block of rows at a time
+        # into the same scratch buffer, used while it is still in cache. Two things matter for speed: the fp32
+        # copy of the whole matrix never exists (RAM traffic stays ~1 byte per weight), and the buffer is
+        # allocated once per call: a fresh multi-MiB tensor per block is fresh pages from the kernel, whose
+        # page faults made this kernel 2x slower than fp32 (measured).
         rows = max(1, BLOCK_ELEMENTS // self.in_features)
+        block = torch.empty(min(rows, self.out_features), self.in_features, dtype=x.dtype, device=x.device)
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)  # (B, O)
         for start in range(0, self.out_features, rows):
-            block = self.weight_int8[start:start + rows].to(x.dtype)  # (r, I), still unscaled
-            y[:, start:start + rows] = x @ block.T  # (B, I) @ (I, r) -> (B, r)
+            r = min(rows, self.out_features - start)
+            block[:r].copy_(self.weight_int8[start:start + r])  # int8 -> fp32, still unscaled: (r, I)
+            y[:, start:start + r] = F.linear(x, block[:r])  # (B, I) @ (I, r) -> (B, r)
         y = y * self.scale  # the per-output-channel scale, factored out of the sum over I
         if self.bias is not None:
             y = y + self.bias
@@ -144,11 +164,14 @@ class Int8Embedding(nn.Module):
 
 
 @torch.no_grad()
-def quantize_language_model(model: nn.Module, activations: str = "float") -> nn.Module:
-    """Replace the language model's Linear layers (and OPT's tied head) by int8 ones, in place; return the model.
+def quantize_language_model(model: nn.Module, activations: str = "float", quantize_head: bool = False) -> nn.Module:
+    """Replace the language model's Linear layers by int8 ones, in place; return the model.
 
     `model` is a blip2_mini Blip2 (or its language model). activations="float" keeps the inputs of every
     matmul in fp32 (weight-only); "int8" also quantizes them, per call (faster on x86, see the module docstring).
+    The output head (OPT: the tied embedding table) stays in fp32 unless `quantize_head`: it is one matrix
+    (5 % of OPT-2.7b's weights) but its rounding errors land directly on the logits that pick each token
+    (see the module docstring for the measured effect on captions).
     Each float weight is released as soon as its int8 replacement exists, so the peak is the float model plus
     one matrix. Apply it once: a quantized model cannot be quantized again.
     """
@@ -162,18 +185,19 @@ def quantize_language_model(model: nn.Module, activations: str = "float") -> nn.
 
     # OPT's tied head: quantize the embedding table once, per row (= per output channel of the head).
     tied = getattr(lm, "lm_head", "absent") is None and isinstance(getattr(lm, "embed_tokens", None), nn.Embedding)
-    if tied:
+    if tied and quantize_head:
         q, scale = quantize_weight(lm.embed_tokens.weight)
         lm.embed_tokens = Int8Embedding(q, scale)
         lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q when activations="float"
 
-    linears = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
+    head = None if quantize_head else getattr(lm, "lm_head", None)  # an untied head (T5) stays float too
+    linears = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
         setattr(parent, child, Int8Linear.from_linear(linear, activations))
         linear.weight = None  # release the float weight now rather than at the end
 
-    # What is left in float (norms, position table, T5's shared embedding) is small: compute in fp32.
+    # What is left in float (norms, position table, the head and its embedding table) computes in fp32.
     lm.float()
     return model
