@@ -18,10 +18,14 @@ Loading is strict: every parameter must receive exactly one tensor of the right 
 what is missing, unexpected or mismatched. (The reference silently initialises missing weights at random.)
 It is also frugal: the model is created on the `meta` device (no memory), and each tensor is read from the
 memory-mapped file, cast to its target dtype and moved to the target device one at a time, so peak memory
-is about the loaded model's size and a GPU user never holds a CPU copy of the whole model.
+is about the loaded model's size and a GPU user never holds a CPU copy of the whole model. A tensor that is
+already in its target dtype, on the CPU, is not copied at all: the parameter *is* the file's bytes (a private,
+copy-on-write mapping, so the file never changes), paged in by the OS when first used -- the reason an fp32
+checkpoint "loads" in about a second.
 """
 
 import json
+import mmap
 import re
 import sys
 import time
@@ -29,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 
 from .config import Blip2Config, ConfigError
 from .model import Blip2
@@ -177,16 +180,77 @@ def weight_files(directory: Path) -> list[Path]:
                           "model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
 
 
-def iter_tensors(path: Path, device):
-    """Yield (name, tensor) from one weight file, one tensor at a time. Safetensors files are memory-mapped
-    and read straight to `device`; .bin files are opened with weights_only=True (no arbitrary unpickling)."""
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped. The format is small enough to read by hand: 8 bytes holding the
+    header's length N (little-endian), N bytes of JSON ({name: {"dtype", "shape", "data_offsets": [begin, end]}},
+    plus an optional "__metadata__"), then the tensors' raw bytes, offsets counted from the end of the header.
+
+    Reading it ourselves (rather than through the `safetensors` package) lets the loader give back the pages of
+    a tensor it has already cast (`release`): otherwise a 2 GB fp32 shard stays counted in the process's
+    memory while its bf16 copy is built, and peak memory is the model plus a shard instead of about the model."""
+
+    def __init__(self, path: Path):
+        size = path.stat().st_size
+        corrupt = f"{path}: corrupt or truncated safetensors file ({{}}); download it again"
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(corrupt.format(f"{size} bytes, shorter than a header"))
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(corrupt.format(f"header length {n} > file size {size}"))
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(corrupt.format("header is not JSON")) from None
+            self.buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+        self.start = 8 + n
+        self.entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        for name, entry in self.entries.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                begin, end = entry["data_offsets"]
+                numel = 1
+                for d in entry["shape"]:
+                    numel *= d
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(corrupt.format(f"bad header entry for {name}")) from None
+            if end - begin != numel * dtype.itemsize or not 0 <= begin <= end <= size - self.start:
+                raise CheckpointError(corrupt.format(f"{name} lies outside the file"))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name`, as a view of the mapped file (no copy; pages are read when first touched)."""
+        entry = self.entries[name]
+        dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
+        if begin == end:
+            return torch.empty(entry["shape"], dtype=dtype)
+        flat = torch.frombuffer(self.buffer, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self.start + begin)
+        return flat.view(entry["shape"])
+
+    def release(self, name: str):
+        """Drop this tensor's pages from the process (the OS keeps them in its file cache): call it once the
+        tensor has been copied elsewhere and its view is no longer used."""
+        begin, end = (self.start + o for o in self.entries[name]["data_offsets"])
+        page = mmap.PAGESIZE
+        first, last = -(-begin // page) * page, end // page * page  # whole pages only; neighbours share the rest
+        if last > first:
+            self.buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def iter_tensors(path: Path):
+    """Yield (name, tensor, release) from one weight file, one tensor at a time, on the CPU in the file's dtype.
+    `release()` frees the tensor's memory once the caller has copied it. Safetensors files are memory-mapped;
+    .bin files are opened with weights_only=True (no arbitrary unpickling)."""
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e}); download it again") from None
+        file = SafetensorsFile(path)
+        for name in file.entries:
+            yield name, file.tensor(name), lambda name=name: file.release(name)
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -194,7 +258,7 @@ def iter_tensors(path: Path, device):
         raise CheckpointError(f"{path}: cannot read it safely ({str(e).splitlines()[0][:200]}); "
                               "download it again or convert it to safetensors") from None
     for name, tensor in state.items():
-        yield name, tensor.to(device)
+        yield name, tensor, lambda: None
 
 
 # ---- the special cases -----------------------------------------------------------------------------------
@@ -226,6 +290,23 @@ def _special_case(name: str, tensor: torch.Tensor):
 # ---- loading ---------------------------------------------------------------------------------------------
 
 
+def build_skeleton(config: Blip2Config) -> Blip2:
+    """The model with every parameter on the `meta` device: names and shapes, no memory, no values. The
+    initialisers (`nn.init.*`, called by nn.Linear, nn.Embedding, ... in their constructors) are switched off
+    while it is built: their random values would be overwritten anyway, and on meta tensors `normal_` takes a
+    slow path that imports torch's compiler (~3 s, most of the time an fp32 load takes)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]  # normal_, uniform_, ...
+    originals = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return Blip2(config)
+    finally:
+        for n, f in originals.items():
+            setattr(nn.init, n, f)
+
+
 def target_dtype(name: str, dtype: torch.dtype, dtype_policy: dict | None) -> torch.dtype:
     """The dtype parameter `name` is stored in: an explicit `dtype_policy` entry ({"vision_model": bf16, ...},
     longest matching prefix wins), else fp32 for the KEEP_FP32 stages when `dtype` is float16, else `dtype`."""
@@ -255,8 +336,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
     files = weight_files(directory)
     device = torch.device(device)
 
-    with torch.device("meta"):  # the skeleton costs no memory; every tensor is filled from the file below
-        model = Blip2(config)
+    model = build_skeleton(config)
     expected = dict(model.named_parameters())
     filled: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
@@ -264,7 +344,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
     read_bytes, start = 0, time.time()
 
     for file in files:
-        for name, tensor in iter_tensors(file, device):
+        for name, tensor, release in iter_tensors(file):
             if SKIPPED.match(name) or (name == OPT_TIED_HEAD and config.use_decoder_only_language_model):
                 continue
             renamed = _special_case(name, tensor)
@@ -281,7 +361,9 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
                 elif ours in filled:
                     unexpected.append(f"{name} (a second tensor for {ours})")
                 else:
-                    filled[ours] = t.to(target_dtype(ours, dtype, dtype_policy))
+                    filled[ours] = t.to(device=device, dtype=target_dtype(ours, dtype, dtype_policy))
+            if not any(filled.get(ours) is t for ours, t in renamed):  # copied (cast or moved): free the file's pages
+                release()
         read_bytes += file.stat().st_size
         if progress:
             _report_progress(directory.name, read_bytes, total_bytes, start)

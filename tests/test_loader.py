@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip2_mini.loader import CheckpointError, KEY_MAP, load_model, official_to_ours
+from blip2_mini.loader import CheckpointError, KEY_MAP, SafetensorsFile, load_model, official_to_ours
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model"
 BASE = FIXTURES / "opt-base"
@@ -178,6 +178,46 @@ def test_missing_shard(tmp_path):
     directory = copy_checkpoint(tmp_path, FIXTURES / "opt-odd-heads-freq3-interp")
     next(directory.glob("model-00003-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="index names 1 shard.*not there.*model-00003") as e:
+        load_model(directory)
+    one_line(e)
+
+
+def test_our_safetensors_reader_equals_the_safetensors_package(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 3, 4, generator=g).bfloat16(), "i64": torch.arange(-5, 6),
+               "i8": torch.arange(-128, 128, dtype=torch.int8), "bool": torch.tensor([True, False, True]),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    expected = load_file(tmp_path / "t.safetensors")  # the format's own reader
+    file = SafetensorsFile(tmp_path / "t.safetensors")
+    assert sorted(file.entries) == sorted(expected)
+    for name, want in expected.items():
+        got = file.tensor(name)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
+        file.release(name)  # dropping the pages must not break a later read (the OS reads them again)
+        assert torch.equal(file.tensor(name), want), name
+
+
+def test_same_dtype_weights_are_the_file_mapped_copy_on_write(tmp_path):
+    """fp32 -> fp32 on the CPU copies nothing (the parameters are views of the mapped file), yet changing a
+    parameter in place never writes to the checkpoint."""
+    directory = copy_checkpoint(tmp_path)
+    before = (directory / "model.safetensors").read_bytes()
+    model = load_model(directory, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0)
+    assert (directory / "model.safetensors").read_bytes() == before
+    assert max_logit_error(load_model(directory, progress=False)) < 1e-5
+
+
+def test_last_bytes_missing(tmp_path):
+    """The header is intact but the file ends 4 bytes early: caught from the offsets, before any tensor is read."""
+    directory = copy_checkpoint(tmp_path)
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="corrupt or truncated safetensors.*outside the file") as e:
         load_model(directory)
     one_line(e)
 
