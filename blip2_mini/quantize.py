@@ -26,8 +26,9 @@ so the int8 matrix is multiplied as it is and the scale is one multiply per outp
   rows small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact
   apart from the rounding of the weights. It saves memory, but it is barely faster than fp32: the int8 -> fp32
   conversion runs at ~6 G weights/s per core (measured, AVX2 EPYC, torch 2.13), about the rate at which fp32
-  weights stream from RAM (~5 G/s = 20 GB/s). Per OPT-2.7b layer at 1 thread (busy machine): fp32 28 ms,
-  weight-only 38 ms (one row) / 98 ms vs fp32 132 ms (5 rows, beam search); fbgemm below: 7.5 / 8.4 ms.
+  weights stream from RAM (~5 G/s = 20 GB/s). Per OPT-2.7b layer, 1 thread, thread CPU time on a busy
+  machine: one row (greedy) fp32 17.4 ms, weight-only 19.0 ms, fbgemm (below) 6.4 ms; five rows (beam
+  search) fp32 48.8 ms (opt.linear), weight-only 47.5 ms, fbgemm 7.9 ms.
   The ceiling of this kernel is the conversion: 2.65 G weights / 6 G/s = 0.44 s per token per core, so it
   cannot reach 1 byte / weight / bandwidth (0.15 s at 18 GB/s). A kernel converting in registers would.
 - activations="int8" (x is quantized too): PyTorch's fbgemm kernel `quantized::linear_dynamic` also rounds each
@@ -66,9 +67,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 INT8_MAX = 127
-# Weight-only kernel: rows of q converted to float per block, sized to stay in the CPU cache (2 MiB of fp32:
+# Weight-only kernel: rows of q converted to float per block, sized to stay in the CPU cache (4 MiB of fp32:
 # within L3; measured fastest of 1-8 MiB at the OPT-2.7b shapes, on a busy machine).
-BLOCK_ELEMENTS = 1 << 19
+BLOCK_ELEMENTS = 1 << 20
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,12 +133,14 @@ class Int8Linear(nn.Module):
         # allocated once per call: a fresh multi-MiB tensor per block is fresh pages from the kernel, whose
         # page faults made this kernel 2x slower than fp32 (measured).
         rows = max(1, BLOCK_ELEMENTS // self.in_features)
+        x = x.contiguous()  # so that x.T below is a transposed view, the layout MKL multiplies fastest
         block = torch.empty(min(rows, self.out_features), self.in_features, dtype=x.dtype, device=x.device)
-        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)  # (B, O)
+        y_t = torch.empty(self.out_features, x.shape[0], dtype=x.dtype, device=x.device)  # (O, B): y transposed
         for start in range(0, self.out_features, rows):
             r = min(rows, self.out_features - start)
             block[:r].copy_(self.weight_int8[start:start + r])  # int8 -> fp32, still unscaled: (r, I)
-            y[:, start:start + r] = F.linear(x, block[:r])  # (B, I) @ (I, r) -> (B, r)
+            torch.mm(block[:r], x.T, out=y_t[start:start + r])  # (r, I) @ (I, B) -> (r, B), rows of y_t
+        y = y_t.T  # (B, O)
         y = y * self.scale  # the per-output-channel scale, factored out of the sum over I
         if self.bias is not None:
             y = y + self.bias
@@ -161,6 +164,13 @@ class Int8Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def linears_to_quantize(lm: nn.Module, quantize_head: bool = False) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of the language model's Linear layers that become Int8Linear: all of them but the output
+    head (unless `quantize_head`). The loader uses the same list to quantize while reading (loader.py)."""
+    head = None if quantize_head else getattr(lm, "lm_head", None)  # an untied head (T5) stays float too
+    return [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
 @torch.no_grad()
@@ -190,9 +200,7 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
         lm.embed_tokens = Int8Embedding(q, scale)
         lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q when activations="float"
 
-    head = None if quantize_head else getattr(lm, "lm_head", None)  # an untied head (T5) stays float too
-    linears = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    for name, linear in linears:
+    for name, linear in linears_to_quantize(lm, quantize_head):
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
         setattr(parent, child, Int8Linear.from_linear(linear, activations))
