@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .config import Blip2Config, ConfigError
 from .model import Blip2
+from .quantize import Int8Linear, linears_to_quantize, quantize_weight
 
 
 class CheckpointError(ValueError):
@@ -321,9 +322,16 @@ def target_dtype(name: str, dtype: torch.dtype, dtype_policy: dict | None) -> to
     return dtype
 
 
+QUANTIZE_MODES = {"int8": "float", "int8-dynamic": "int8"}  # load(quantize=...) -> quantize.py's `activations`
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: dict | None = None,
-               progress: bool = True) -> Blip2:
+               progress: bool = True, quantize: str | None = None) -> Blip2:
     """Build a Blip2 from a checkpoint directory. See `load` for the arguments."""
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} or None, got {quantize!r}")
+    if quantize is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"quantize={quantize!r} is for CPUs (int8 kernels); on {device} use dtype=torch.bfloat16")
     directory = Path(path)
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such directory; download a checkpoint (see weights/README.md)")
@@ -338,6 +346,13 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
 
     model = build_skeleton(config)
     expected = dict(model.named_parameters())
+    # With `quantize`, the language model's Linear weights are rounded to int8 as they are read (quantize.py):
+    # its float weights never exist all at once, so peak memory is the int8 model, not the float one.
+    int8_weights = set()
+    if quantize is not None:
+        if model.language_model is None:
+            raise CheckpointError(f"{directory}: quantize={quantize!r}: this checkpoint has no language model")
+        int8_weights = {f"language_model.{name}.weight" for name, _ in linears_to_quantize(model.language_model)}
     filled: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
     total_bytes = sum(f.stat().st_size for f in files)
@@ -360,6 +375,8 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
                     filled[ours] = None  # reported as a mismatch, not also as missing
                 elif ours in filled:
                     unexpected.append(f"{name} (a second tensor for {ours})")
+                elif ours in int8_weights:
+                    filled[ours] = quantize_weight(t.to(device))  # (q int8 (O, I), scales (O,)): see below
                 else:
                     filled[ours] = t.to(device=device, dtype=target_dtype(ours, dtype, dtype_policy))
             if not any(filled.get(ours) is t for ours, t in renamed):  # copied (cast or moved): free the file's pages
@@ -381,8 +398,18 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
 
     for name, tensor in filled.items():  # swap each meta parameter for its loaded tensor
         module_name, _, param_name = name.rpartition(".")
+        if name in int8_weights or f"{module_name}.weight" in int8_weights:
+            continue  # becomes an Int8Linear below
         module = model.get_submodule(module_name)
         module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+    for name in int8_weights:  # each quantized Linear: its int8 weight, scales and float bias in one module
+        module_name = name.rpartition(".")[0]
+        parent_name, _, child = module_name.rpartition(".")
+        q, scale = filled[name]
+        bias = filled.get(f"{module_name}.bias")
+        setattr(model.get_submodule(parent_name), child, Int8Linear(q, scale, bias, QUANTIZE_MODES[quantize]))
+    if quantize is not None:
+        model.language_model.float()  # what stays float there (norms, embeddings, head) computes in fp32
     return model.eval()
 
 
@@ -395,7 +422,7 @@ def _report_progress(name, done, total, start):
 
 
 def load(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: dict | None = None,
-         progress: bool = True):
+         progress: bool = True, quantize: str | None = None):
     """Load an official BLIP-2 checkpoint directory: returns (model, processor).
 
     dtype         the dtype of the weights in memory (float32, bfloat16, float16). With float16 the Q-Former
@@ -405,9 +432,14 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: d
     dtype_policy  per-stage dtypes by name prefix, e.g. {"vision_model": torch.bfloat16, "qformer":
                   torch.float32, "language_model": torch.bfloat16}; overrides `dtype` where it matches.
     progress      show a progress bar on stderr while reading the weights.
+    quantize      "int8" or "int8-dynamic": the language model's Linear layers are rounded to int8 while they
+                  are read (blip2_mini/quantize.py; "int8-dynamic" also rounds their inputs, faster on x86
+                  CPUs). The same model as quantize_language_model(load_model(path)), without ever holding the
+                  float language model. CPU only.
     """
     from .processing import Blip2Processor  # here, not at the top: the processor is not needed for load_model
 
-    model = load_model(path, dtype=dtype, device=device, dtype_policy=dtype_policy, progress=progress)
+    model = load_model(path, dtype=dtype, device=device, dtype_policy=dtype_policy, progress=progress,
+                       quantize=quantize)
     processor = Blip2Processor.from_pretrained(path)
     return model, processor

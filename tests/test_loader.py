@@ -295,3 +295,36 @@ def test_t5_head_stored_separately_or_tied(tmp_path):
     encoded = torch.randn(1, 3, lm.shared.embedding_dim)
     with torch.no_grad():  # the head really is the stored one: logits = decoder output @ head^T
         assert not torch.allclose(untied.decode(tokens, encoded), lm.decode(tokens, encoded))
+
+
+@pytest.mark.parametrize("mode, activations", [("int8", "float"), ("int8-dynamic", "int8")])
+@pytest.mark.parametrize("name", ["opt-base", "t5-base"])
+def test_quantize_while_loading_equals_quantizing_after(mode, activations, name):
+    """load_model(quantize=...) rounds each Linear weight as it is read; the model is the very same as
+    quantizing the float model afterwards (same int8 values, same scales, same logits), without the float copy."""
+    from blip2_mini.quantize import Int8Linear, quantize_language_model
+    while_loading = load_model(FIXTURES / name, quantize=mode, progress=False)
+    after = quantize_language_model(load_model(FIXTURES / name, progress=False), activations)
+    ours = dict(while_loading.named_modules())
+    int8 = [n for n, m in after.named_modules() if isinstance(m, Int8Linear)]
+    assert int8 and all(isinstance(ours[n], Int8Linear) for n in int8)
+    assert [n for n, m in while_loading.named_modules() if isinstance(m, Int8Linear)] == int8
+    for a, b in zip(while_loading.state_dict().values(), after.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for n in int8:  # fbgemm's packed copies (int8-dynamic) are not in the state dict: unpack and compare
+        if after.get_submodule(n).packed is not None:
+            unpack = lambda m: torch.ops.quantized.linear_unpack(m.packed)[0].int_repr()  # noqa: E731
+            assert torch.equal(unpack(ours[n]), unpack(after.get_submodule(n)))
+    pixel_values, ids, mask, _ = reference_logits(name) if name == "opt-base" else (None,) * 4
+    if name == "opt-base":
+        with torch.no_grad():
+            assert torch.equal(while_loading(pixel_values, ids, mask), after(pixel_values, ids, mask))
+
+
+def test_quantize_option_errors(tmp_path):
+    with pytest.raises(ValueError, match="quantize must be one of int8, int8-dynamic"):
+        load_model(BASE, quantize="int4", progress=False)
+    with pytest.raises(ValueError, match="for CPUs"):
+        load_model(BASE, quantize="int8", device="meta", progress=False)
+    with pytest.raises(CheckpointError, match="no language model"):
+        load_model(FIXTURES / "itm-base", quantize="int8", progress=False)
