@@ -173,6 +173,14 @@ def linears_to_quantize(lm: nn.Module, quantize_head: bool = False) -> list[tupl
     return [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
+def linears_to_quantize(lm: nn.Module, quantize_head: bool = False) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) pairs of the language model's Linear layers that become int8: all of them except an
+    untied output head (T5's lm_head), unless quantize_head. The rule in one place, for quantize_language_model
+    below and for the loader's quantize-while-loading."""
+    head = None if quantize_head else getattr(lm, "lm_head", None)
+    return [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
 @torch.no_grad()
 def quantize_language_model(model: nn.Module, activations: str = "float", quantize_head: bool = False) -> nn.Module:
     """Replace the language model's Linear layers by int8 ones, in place; return the model.

@@ -142,6 +142,19 @@ def test_head_stays_float_unless_asked():
     assert lm.lm_head.weight_int8 is lm.embed_tokens.weight_int8  # one int8 table serves both
 
 
+def test_linears_to_quantize_leaves_the_head_out():
+    """The loader's quantize-while-loading and quantize_language_model share this list: every Linear of the
+    language model but an untied head (T5's lm_head), which is kept unless quantize_head=True."""
+    from blip2_mini.quantize import linears_to_quantize
+
+    opt = load().language_model
+    names = [name for name, _ in linears_to_quantize(opt)]
+    assert len(names) == 6 * len(opt.layers) and "layers.0.self_attn.q_proj" in names and "layers.0.fc2" in names
+    t5 = load_model(FIXTURE.parent / "t5-base", progress=False).language_model
+    assert "lm_head" not in [name for name, _ in linears_to_quantize(t5)]
+    assert "lm_head" in [name for name, _ in linears_to_quantize(t5, quantize_head=True)]
+
+
 def test_quantize_errors():
     model = load("float")
     with pytest.raises(ValueError, match="already quantized"):
