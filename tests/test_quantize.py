@@ -164,3 +164,28 @@ def test_quantize_errors():
     retrieval = load_model(FIXTURE.parent / "itm-base", progress=False)
     with pytest.raises(ValueError, match="no language model"):
         quantize_language_model(retrieval)
+
+
+@pytest.mark.parametrize("loaded_as", [torch.float32, torch.bfloat16])
+def test_vision_stored_in_bf16_computes_like_fp32_with_rounded_weights(loaded_as):
+    """store_vision_in_bf16 changes only where the weights live: its image features equal those of the fp32
+    encoder whose Linear weights were rounded to bf16 (and the rest rounded too when it was loaded in bf16)."""
+    from blip2_mini.quantize import Bf16Linear, store_vision_in_bf16
+    stored = store_vision_in_bf16(load_model(FIXTURE, dtype_policy={"vision_model": loaded_as}, progress=False))
+    rounded = load_model(FIXTURE, progress=False)
+    with torch.no_grad():
+        for name, p in rounded.vision_model.named_parameters():
+            if loaded_as == torch.bfloat16 or name.endswith(("qkv.weight", "projection.weight", "fc1.weight",
+                                                            "fc2.weight")):
+                p.copy_(p.bfloat16().float())
+    linears = [m for m in stored.vision_model.modules() if isinstance(m, Bf16Linear)]
+    assert len(linears) == 4 * stored.config.vision_config.num_hidden_layers
+    assert {p.dtype for p in stored.vision_model.parameters()} == {torch.float32}
+    assert all(m.weight_bf16.dtype == torch.bfloat16 for m in linears)
+    pixel_values = load_file(FIXTURE / "reference.safetensors")["input.pixel_values"]
+    with torch.no_grad():
+        got, want = stored.encode_image(pixel_values), rounded.encode_image(pixel_values)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1e-5
+    full = load_model(FIXTURE, progress=False).encode_image(pixel_values)  # and bf16 storage is close to fp32
+    assert 0 < (got - full).abs().max().item() < 0.05 * full.abs().max().item()
