@@ -129,14 +129,23 @@ def test_int8_greedy_tokens_equal_fp32(activations):
         assert torch.equal(ours[row, :n], tokens[row, :n])
 
 
-def test_head_stays_float_unless_asked():
-    """By default OPT's tied head / embedding table stays an fp32 nn.Embedding (the logits' last matmul is exact);
-    quantize_head=True stores it once as int8, shared by the input lookup and the output head."""
-    from blip2_mini.quantize import Int8Embedding
+@pytest.mark.skipif("int8" not in MODES, reason="fbgemm (x86) packs the fp16 head")
+def test_head_is_fp16_unless_asked():
+    """By default OPT's tied head / embedding table is kept in fp16 (lookup table + fbgemm-packed head), whose
+    logits are within fp16 rounding of fp32; quantize_head=True stores it once as int8, shared by both uses."""
+    from blip2_mini.quantize import Fp16Embedding, Fp16Linear, Int8Embedding
 
+    fp32 = load().language_model
     lm = load("float").language_model
-    assert type(lm.embed_tokens) is torch.nn.Embedding and lm.embed_tokens.weight.dtype == torch.float32
-    assert lm.lm_head is None and isinstance(lm.layers[0].fc1, Int8Linear)
+    assert isinstance(lm.embed_tokens, Fp16Embedding) and isinstance(lm.lm_head, Fp16Linear)
+    assert isinstance(lm.layers[0].fc1, Int8Linear)
+    x = torch.randn(3, 1, fp32.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = x @ fp32.embed_tokens.weight.T  # the fp32 head
+        got = lm.lm_head(x)
+        ids = torch.tensor([[0, 5, 7]])
+        torch.testing.assert_close(lm.embed_tokens(ids), fp32.embed_tokens(ids), rtol=1e-3, atol=1e-4)
+    assert got.shape == want.shape and 0 < (got - want).norm() / want.norm() < 1e-3
     lm = load("float", quantize_head=True).language_model
     assert isinstance(lm.embed_tokens, Int8Embedding) and isinstance(lm.lm_head, Int8Linear)
     assert lm.lm_head.weight_int8 is lm.embed_tokens.weight_int8  # one int8 table serves both
