@@ -57,7 +57,8 @@ benchmark's initialisation, 33 positions), relative error / max error in % of st
     4 of 32 layers:  weight-only 1.78 / 9.0 (head fp32), 1.97 / 10.4 (head int8);
                      int8 activations 4.29 / 21.0 (head fp32), 4.82 / 24.6 (head int8)
     32 layers, head int8 (benchmarks/RESULTS.md): weight-only 2.47 / 11.5, int8 activations 4.21 / 24.3
-so random full-size weights sit at or just over the relative tolerance. On the trained toy model (weights/blip2-shapes-tiny, benchmarks/int8_captions.py, 200 test scenes, 40 greedy
+so random full-size weights sit at or just over the relative tolerance.
+On the trained toy model (weights/blip2-shapes-tiny, benchmarks/int8_captions.py, 200 test scenes, 40 greedy
 tokens) the share of captions identical to fp32:
     head int8 (quantize_head=True):   weight-only 89.0 %,  int8 activations 83.5 %
     head fp16 (the default):          weight-only 95.5 %,  int8 activations 88.0 %
