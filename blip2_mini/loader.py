@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from .config import Blip2Config, ConfigError
 from .model import Blip2
-from .quantize import Int8Linear, linears_to_quantize, quantize_weight
+from .quantize import Int8Linear, linears_to_quantize, quantize_weight, store_head_in_fp16
 
 
 class CheckpointError(ValueError):
@@ -408,8 +408,8 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
         q, scale = filled[name]
         bias = filled.get(f"{module_name}.bias")
         setattr(model.get_submodule(parent_name), child, Int8Linear(q, scale, bias, QUANTIZE_MODES[quantize]))
-    if quantize is not None:
-        model.language_model.float()  # what stays float there (norms, embeddings, head) computes in fp32
+    if quantize is not None:  # as quantize_language_model leaves it: the rest in fp32, the head in fp16
+        store_head_in_fp16(model.language_model.float())
     return model.eval()
 
 
