@@ -320,7 +320,7 @@ class Bf16Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The fp32 weight (O, I), for code that takes `.weight` itself (vit.py's qkv adds its own bias)."""
+        """The fp32 weight (O, I), for code that reads `.weight` directly (a fresh copy on every access)."""
         return self.weight_bf16.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,10 +38,9 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_weights: bool = False):
         B, P, D = x.shape
-        bias = None
+        qkv = self.qkv(x)  # (B, P, Dv) -> (B, P, 3*Dv)
         if self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3*Dv,): k gets no bias
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, P, Dv) -> (B, P, 3*Dv)
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # k gets no bias
         qkv = qkv.view(B, P, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, P, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]
         out = attend(q, k, v, return_weights=return_weights)  # (B, nh, P, hs) [, weights (B, nh, P, P)]
