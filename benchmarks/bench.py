@@ -25,8 +25,10 @@ Variants (`--dtype`): fp32 and bf16 are run for both implementations. The int8 v
 compared with the reference in fp32 (the issue's baseline) and with its best dtype:
     int8              vision + Q-Former fp32 (the CPU computes fp32 fastest), language model int8 weight-only
     int8-dyn          the same, int8 kernel that also rounds the matmul inputs to 8 bits (fbgemm)
-    int8-dyn-lowmem   int8-dyn with the vision encoder in bf16 (half its memory, slower on CPUs without bf16)
-The language model of an int8 variant is read from the file into bf16 and then quantized (quantize.py).
+    int8-dyn-lowmem   int8-dyn with the vision encoder's weights stored in bf16 and computed in fp32
+                      (quantize.store_vision_in_bf16: half its memory)
+The language model of an int8 variant is quantized while it is read (load_model(quantize=...)): its float
+weights never exist all at once.
 
 Memory: peak RSS is the kernel's high-water mark (VmHWM) of the worker process, read right after loading and
 touching every page of the weights (both loaders may map same-dtype weights lazily) ("load peak"), then reset (/proc/self/clear_refs) and read again after the runs ("run peak");
@@ -50,13 +52,12 @@ CACHE = ROOT / "benchmarks" / "cache"
 sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS, BEAMS = 20, 5
-OURS_VARIANTS = {  # name -> (load dtype, dtype_policy, quantize activations or None)
-    "fp32": (torch.float32, None, None),
-    "bf16": (torch.bfloat16, None, None),
-    "int8": (torch.float32, {"language_model": torch.bfloat16}, "float"),
-    "int8-dyn": (torch.float32, {"language_model": torch.bfloat16}, "int8"),
-    "int8-dyn-lowmem": (torch.bfloat16, {"qformer": torch.float32, "query_tokens": torch.float32,
-                                         "language_projection": torch.float32}, "int8"),
+OURS_VARIANTS = {  # name -> (load dtype, dtype_policy, load_model's quantize, vision weights stored in bf16)
+    "fp32": (torch.float32, None, None, False),
+    "bf16": (torch.bfloat16, None, None, False),
+    "int8": (torch.float32, None, "int8", False),
+    "int8-dyn": (torch.float32, None, "int8-dynamic", False),
+    "int8-dyn-lowmem": (torch.float32, {"vision_model": torch.bfloat16}, "int8-dynamic", True),
 }
 REFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -243,9 +244,10 @@ def module_bytes(model) -> int:
         if t is not None and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    for m in model.modules():
+    for m in model.modules():  # fbgemm's packed copies: int8 (1 byte per weight + scale and zero point) or fp16
         if getattr(m, "packed", None) is not None:
-            total += m.in_features * m.out_features + 8 * m.out_features
+            fp16 = type(m).__name__ == "Fp16Linear"
+            total += m.in_features * m.out_features * (2 if fp16 else 1) + (0 if fp16 else 8 * m.out_features)
     return total
 
 
@@ -257,13 +259,14 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     if impl == "ours":
         from blip2_mini import decode, load_model
         from blip2_mini.model import OPTSession
-        from blip2_mini.quantize import quantize_language_model
-        dtype, policy, activations = OURS_VARIANTS[variant]
+        from blip2_mini.quantize import store_vision_in_bf16
+        dtype, policy, quantize, vision_bf16 = OURS_VARIANTS[variant]
         baseline = rss_now_gb()
         start = time.perf_counter()
-        model = load_model(directory, dtype=dtype, device=device, dtype_policy=policy, progress=False)
-        if activations is not None:
-            quantize_language_model(model, activations)
+        model = load_model(directory, dtype=dtype, device=device, dtype_policy=policy, progress=False,
+                           quantize=quantize)
+        if vision_bf16:
+            store_vision_in_bf16(model)
     else:
         import transformers
         from transformers import Blip2ForConditionalGeneration
@@ -406,7 +409,7 @@ def write_report(args, machine, results, path):
     peak = {"fp32": machine["matmul_fp32_gflops"], "bf16": machine["matmul_bf16_gflops"]}
     floors = {}
     for v in ours:
-        vdt = "bf16" if v in ("bf16", "int8-dyn-lowmem") else "fp32"
+        vdt = "bf16" if v == "bf16" else "fp32"  # lowmem stores bf16 but computes fp32
         floors[v] = {"vision_s": vflops / peak[vdt] / 1e9,
                      "greedy_step_s": lm_weight_bytes(args.shape, v) / machine["copy_gbs"] / 1e9}
     lines = [f"# Benchmark: blip2_mini vs transformers {_version('transformers')} ({args.shape} shape)", ""]

@@ -47,6 +47,9 @@ def add_model_options(p):
                    help=f"checkpoint directory (default: the shipped toy model, {DEFAULT_WEIGHTS.name})")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
+                   help="CPU: the language model in int8 while loading (blip2_mini/quantize.py); int8-dynamic is "
+                        "the faster kernel, int8 the more accurate one")
 
 
 def add_generation_options(p):
@@ -148,7 +151,8 @@ def load_checkpoint(args):
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     try:
-        return load(weights, dtype=getattr(torch, args.dtype), device=args.device, progress=sys.stderr.isatty())
+        return load(weights, dtype=getattr(torch, args.dtype), device=args.device, progress=sys.stderr.isatty(),
+                    quantize=args.quantize)
     except (CheckpointError, OSError, ValueError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
 

@@ -81,6 +81,8 @@ def test_folder_with_an_unreadable_image_reports_it_and_captions_the_rest(capsys
     (["--min-new-tokens", "9", "--max-new-tokens", "4"], "exceeds --max-new-tokens"),
     (["--sample", "--num-beams", "3"], "cannot be combined"),
     (["--dtype", "float64"], "invalid choice"),
+    (["--quantize", "int4"], "invalid choice"),
+    (["--quantize", "int8", "--device", "meta"], "is for CPUs"),
 ])
 def test_impossible_options_exit_2_with_one_line(capsys, args, message):
     try:
@@ -111,7 +113,7 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--weights", "--prompt", "--num-beams", "--max-new-tokens", "--min-new-tokens", "--length-penalty",
                    "--repetition-penalty", "--sample", "--temperature", "--top-k", "--top-p", "--seed", "--dtype",
-                   "--device", "--batch-size", "--json"):
+                   "--device", "--quantize", "--batch-size", "--json"):
         assert option in text, option
 
 
@@ -121,3 +123,16 @@ def test_shipped_model_is_the_default(capsys):
     status, out, err = run(capsys, "caption", EXAMPLES / "shapes.png", "--max-new-tokens", 12)
     assert status == 0, err
     assert out.startswith(str(EXAMPLES / "shapes.png") + ": ") and len(out.split(": ", 1)[1].strip()) > 0
+
+
+@pytest.mark.parametrize("mode, activations", [("int8", "float"), ("int8-dynamic", "int8")])
+def test_caption_quantize_option_gives_the_quantized_models_tokens(capsys, mode, activations):
+    from blip2_mini.quantize import quantize_language_model
+    status, out, _ = run(capsys, "caption", EXAMPLES / "shapes.png", "--weights", PIPELINES / "opt-pipeline",
+                         "--quantize", mode, "--json", "--max-new-tokens", "12")
+    assert status == 0
+    model, processor = blip2_mini.load(PIPELINES / "opt-pipeline", progress=False)
+    quantize_language_model(model, activations)
+    inputs = processor(images=load_image(EXAMPLES / "shapes.png"))
+    expected = model.generate(**inputs, max_new_tokens=12)[0].tolist()
+    assert json.loads(out)["token_ids"] == expected
