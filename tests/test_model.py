@@ -33,7 +33,9 @@ def test_every_stage_matches_reference(name):
     inputs, reference, meta = load_fixture(name)
     model = load_model(FIXTURES / name, progress=False)
     ours = our_stages(model, **inputs, interpolate_pos_encoding=meta["interpolate_pos_encoding"])
-    worst = compare_stages(ours, reference, inputs.get("attention_mask"), atol=1e-5)
+    # 1e-5, plus 2e-5 relative to the stage's largest value: fp32 sums in another order (another thread count
+    # than the fixture's) move T5's unscaled logits (|x| ~ 17) by ~2e-4, every other stage by < 1e-5.
+    worst = compare_stages(ours, reference, inputs.get("attention_mask"), atol=1e-5, rtol=2e-5)
     assert len(worst) >= 7  # patch embeddings, ViT layers, image embeds, Q-Former layers, queries, ...
 
 
@@ -44,7 +46,7 @@ def test_forward_logits_match_reference(name):
     model = load_model(FIXTURES / name, progress=False)
     with torch.no_grad():
         logits = model(**inputs, interpolate_pos_encoding=meta["interpolate_pos_encoding"])
-    compare_stages({"logits": logits}, {"logits": reference["logits"]}, inputs.get("attention_mask"))
+    compare_stages({"logits": logits}, {"logits": reference["logits"]}, inputs.get("attention_mask"), rtol=2e-5)
 
 
 def test_attention_weights_path_equals_fused_path():
