@@ -285,7 +285,8 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
             if t is not None and t.numel() and t.device.type == "cpu":
                 flat = t.detach().reshape(-1)
                 flat[::max(1, 4096 // t.element_size())].float().sum()
-    r = {"impl": impl, "variant": variant, "load_s": load_s, "rss_baseline_gb": baseline,
+    r = {"impl": impl, "variant": variant, "started": time.strftime("%H:%M UTC", time.gmtime()),
+         "load_s": load_s, "rss_baseline_gb": baseline,
          "load_peak_gb": rss_peak_gb(), "model_gb": module_bytes(model) / 1e9, "loadavg": os.getloadavg()[0]}
     reset_rss_peak()
 
@@ -420,11 +421,13 @@ def write_report(args, machine, results, path):
               f"(32 queries), OPT {s['lm_layers']} x {s['lm']}, vocab {s['vocab']}; random weights, fp32 shards on disk.  ",
               "Each variant ran in its own process, one after the other (load average at its start in the last "
               "table). Times are the best of the repeats; per-token = (t(20) - t(1)) / 19.", ""]
-    busy = [r["loadavg"] for r in results if "error" not in r and r["loadavg"] > 1.5]
+    # The 1-minute load average at a worker's start still counts the previous worker's own threads (it decays
+    # over minutes), so only a figure clearly above --threads means that other processes competed.
+    busy = [r["loadavg"] for r in results if "error" not in r and r["loadavg"] > args.threads + 0.5]
     if busy:
         lines += [f"**Warning: {len(busy)} of the runs started on a busy machine (load average up to {max(busy):.1f} "
-                  f"on {os.cpu_count()} cores): other processes competed for the cores, so times are inflated "
-                  "unevenly and ratios are unreliable.**", ""]
+                  f"on {os.cpu_count()} cores, {args.threads} of them ours): other processes competed for the "
+                  "cores, so times are inflated unevenly and ratios are unreliable.**", ""]
     lines += ["## The machine (measured in this run)", "",
               "| fp32 matmul | bf16 matmul | copy bandwidth (read + write) | read bandwidth |", "|---|---|---|---|",
               f"| {machine['matmul_fp32_gflops']:.0f} GFLOP/s | {machine['matmul_bf16_gflops']:.0f} GFLOP/s | "
@@ -476,12 +479,14 @@ def write_report(args, machine, results, path):
 
     lines += ["## Targets (issue 8, and issue 3's load benchmark)", "", "| target | figure | met? |", "|---|---|---|"]
     lines += _targets(ours, ref, floors, accuracy)
-    lines += ["", "## Runs", "", "| impl | variant | load average at start | greedy caption tokens |", "|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| impl | variant | measured | load average at start | greedy caption tokens |",
+              "|---|---|---|---|---|"]
     for r in results:
+        when = r.get("started", "?") + (" (kept from an earlier run)" if r.get("kept") else "")
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['variant']} | - | FAILED: {r['error']} |")
+            lines.append(f"| {r['impl']} | {r['variant']} | {when} | - | FAILED: {r['error']} |")
         else:
-            lines.append(f"| {r['impl']} | {r['variant']} | {r['loadavg']:.2f} | {r['greedy_tokens'][:8]}... |")
+            lines.append(f"| {r['impl']} | {r['variant']} | {when} | {r['loadavg']:.2f} | {r['greedy_tokens'][:8]}... |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -562,6 +567,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default: 2 full, 3 otherwise)")
     parser.add_argument("--no-reference", action="store_true", help="measure blip2_mini only")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="also report the variants not measured now from their last runs (benchmarks/cache/runs)")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = [v.strip() for v in args.dtype.split(",") if v.strip()]
@@ -589,6 +596,14 @@ def main():
         results.append(run_worker("ours", v, directory, args))
         if v in REFERENCE_DTYPES and not args.no_reference:
             results.append(run_worker("reference", v, directory, args))
+        write_report(args, machine, results, path)
+    if args.keep_runs:  # re-measure some variants, keep the others from their last run (marked in the report)
+        for v in OURS_VARIANTS:
+            for impl in ("ours", "reference"):
+                out = CACHE / "runs" / f"{args.shape}-{impl}-{v}.json"
+                if v not in variants and out.exists():
+                    r = json.loads(out.read_text()) | {"logits_file": str(out.with_suffix(".logits.pt")), "kept": True}
+                    results.append(r)
         write_report(args, machine, results, path)
     (CACHE / "runs" / f"{args.shape}-summary.json").write_text(json.dumps({"machine": machine, "results": results},
                                                                           indent=2))
