@@ -61,27 +61,55 @@ def bias_from_allowed(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: lists of (B, nh, S, hs) tensors."""
+    """Keys and values of every layer for the tokens seen so far.
+
+    Each layer's K and V live in a buffer with room to grow, (B, nh, capacity, hs), of which the first
+    `seq_len` positions are filled. Appending a token writes one slice; concatenating instead (torch.cat) copies
+    the whole cache at every step, and the ever larger copies fragment memory (measured: 5-beam search at
+    OPT-2.7b's shape kept 0.34 GB more than greedy decoding)."""
+
+    GROW = 64  # positions of room added whenever a buffer is full
 
     def __init__(self):
-        self.keys: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # per layer (B, nh, capacity, hs)
         self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []  # filled positions per layer
 
     @property
     def seq_len(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self.lengths[0] if self.lengths else 0
+
+    def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values stored for `layer` so far, (B, nh, S, hs) each."""
+        S = self.lengths[layer]
+        return self.keys[layer][:, :, :S], self.values[layer][:, :, :S]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append this call's k, v (B, nh, T, hs) for `layer`; return all of them so far (B, nh, S, hs)."""
+        T = k.shape[2]
         if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
+            self.keys.append(k.new_empty(0))
+            self.values.append(v.new_empty(0))
+            self.lengths.append(0)
+        S = self.lengths[layer]
+        if self.keys[layer].numel() == 0 or S + T > self.keys[layer].shape[2]:  # full: a larger buffer
+            B, nh, _, hs = k.shape
+            for store, new in ((self.keys, k), (self.values, v)):
+                grown = new.new_empty(B, nh, S + T + self.GROW, hs)
+                if S:
+                    grown[:, :, :S] = store[layer][:, :, :S]
+                store[layer] = grown
+        self.keys[layer][:, :, S:S + T] = k
+        self.values[layer][:, :, S:S + T] = v
+        self.lengths[layer] = S + T
+        return self.get(layer)
 
     def reorder(self, index: torch.Tensor):
         """Keep batch rows `index` (beam search picks which hypotheses survive, possibly several times)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        for store in (self.keys, self.values):
+            for layer, buffer in enumerate(store):
+                S = self.lengths[layer]
+                if len(index) == buffer.shape[0]:  # same batch size (every beam step): rewrite in place
+                    buffer[:, :, :S] = buffer[:, :, :S].index_select(0, index)
+                else:  # the batch grows (beams from each prompt) or shrinks: a new buffer, one layer at a time
+                    store[layer] = buffer.index_select(0, index)

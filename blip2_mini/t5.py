@@ -154,7 +154,7 @@ class T5Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, nh, T, hs): the cached tokens and the new ones
         elif cache is not None and layer < len(cache.keys):  # cross-attention, later calls: reuse
-            k, v = cache.keys[layer], cache.values[layer]  # (B, nh, S, hs)
+            k, v = cache.get(layer)  # (B, nh, S, hs)
         else:  # cross-attention, first call (or no cache)
             k = split_heads(self.k(context), nh)  # (B, S, nh*hs) -> (B, nh, S, hs)
             v = split_heads(self.v(context), nh)
