@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .config import Blip2Config, ConfigError
 from .model import Blip2
-from .quantize import Int8Linear, linears_to_quantize, quantize_weight, store_head_in_fp16
+from .quantize import Int8Linear, linears_to_quantize, quantize_weight, replace_module, store_head_in_fp16
 
 
 class CheckpointError(ValueError):
@@ -353,8 +353,7 @@ class _QuantizeWhileLoading:
 
     def install(self, model: Blip2):
         for module, int8 in self.built.items():
-            parent, _, child = module.rpartition(".")
-            setattr(model.get_submodule(parent), child, int8)
+            replace_module(model, module, int8)
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: dict | None = None,
@@ -412,7 +411,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
                     filled[ours] = t.to(device=device, dtype=target_dtype(ours, dtype, dtype_policy))
             if not any(filled.get(ours) is t for ours, t in renamed):  # copied (cast or moved): free the file's pages
                 release()
-            elif quantize is not None and name.startswith("language_model."):
+            elif int8 is not None and name.startswith("language_model."):
                 after_head.append(release)  # mapped, but read once by store_head_in_fp16 below
         read_bytes += file.stat().st_size
         if int8 is not None:

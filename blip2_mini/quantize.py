@@ -196,11 +196,10 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-def linears_to_quantize(lm: nn.Module, quantize_head: bool = False) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of the language model's Linear layers that become Int8Linear: all of them but the output
-    head (unless `quantize_head`). The loader uses the same list to quantize while reading (loader.py)."""
-    head = None if quantize_head else getattr(lm, "lm_head", None)  # an untied head (T5) stays float too
-    return [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
+def replace_module(root: nn.Module, name: str, module: nn.Module):
+    """Put `module` at the dotted path `name` inside `root` (e.g. "layers.3.fc1"), in place of what is there."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def linears_to_quantize(lm: nn.Module, quantize_head: bool = False) -> list[tuple[str, nn.Linear]]:
@@ -295,9 +294,7 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
         lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q when activations="float"
 
     for name, linear in linears_to_quantize(lm, quantize_head):
-        parent_name, _, child = name.rpartition(".")
-        parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, child, Int8Linear.from_linear(linear, activations))
+        replace_module(lm, name, Int8Linear.from_linear(linear, activations))
         linear.weight = None  # release the float weight now rather than at the end
 
     # What is left in float (norms, position table, biases) computes in fp32; the head, unless int8, in fp16.
@@ -329,11 +326,6 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16))  # (O, I)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())  # (O,)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The fp32 weight (O, I), for code that reads `.weight` directly (a fresh copy on every access)."""
-        return self.weight_bf16.float()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = max(1, self.BLOCK_BYTES // (4 * self.in_features))
         blocks = [F.linear(x, self.weight_bf16[start:start + rows].float())  # (..., I) -> (..., rows)
@@ -356,8 +348,7 @@ def store_vision_in_bf16(model: nn.Module) -> nn.Module:
     """
     vision = model.vision_model
     for name, linear in [(n, m) for n, m in vision.named_modules() if isinstance(m, nn.Linear)]:
-        parent_name, _, child = name.rpartition(".")
-        setattr(vision.get_submodule(parent_name) if parent_name else vision, child, Bf16Linear(linear))
+        replace_module(vision, name, Bf16Linear(linear))
         linear.weight = None  # release the float weight now rather than at the end
     for module in vision.modules():  # the rest back to fp32 (Bf16Linear keeps its weight in buffers)
         for name, p in module._parameters.items():
