@@ -237,6 +237,15 @@ def reset_rss_peak():
         pass
 
 
+@torch.no_grad()
+def touch_every_page(model):
+    """Both loaders may leave same-dtype weights memory-mapped and read them lazily, on first use: read one
+    value per 4 KiB page of every CPU tensor, so that a peak RSS read afterwards counts the whole model."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is not None and t.numel() and t.device.type == "cpu":
+            t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].float().sum()
+
+
 def module_bytes(model) -> int:
     """Bytes held by the model's tensors (parameters, buffers, and fbgemm's packed int8 weights)."""
     seen, total = set(), 0
@@ -278,13 +287,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
         model.eval()
     sync()
     load_s = time.perf_counter() - start
-    # Both loaders may leave same-dtype weights memory-mapped and read them lazily, on first use: touch one
-    # value per 4 KiB page of every tensor so that "load peak" means the weights are really in memory.
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t is not None and t.numel() and t.device.type == "cpu":
-                flat = t.detach().reshape(-1)
-                flat[::max(1, 4096 // t.element_size())].float().sum()
+    touch_every_page(model)
     r = {"impl": impl, "variant": variant, "started": time.strftime("%H:%M UTC", time.gmtime()),
          "load_s": load_s, "rss_baseline_gb": baseline,
          "load_peak_gb": rss_peak_gb(), "model_gb": module_bytes(model) / 1e9, "loadavg": os.getloadavg()[0]}

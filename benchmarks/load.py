@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import CACHE, ROOT, _cpu_name, build_checkpoint, module_bytes, rss_now_gb, rss_peak_gb  # noqa: E402
+from bench import (CACHE, ROOT, _cpu_name, _version, build_checkpoint, module_bytes, rss_now_gb,  # noqa: E402
+                   rss_peak_gb, touch_every_page)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,10 +46,7 @@ def worker(impl: str, variant: str, directory: Path, threads: int) -> dict:
         transformers.logging.set_verbosity_error()
         model = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=DTYPES[variant])
     load_s = time.perf_counter() - start
-    with torch.no_grad():  # one value per 4 KiB page: every page of every weight becomes resident
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.numel():
-                t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].float().sum()
+    touch_every_page(model)
     touched_s = time.perf_counter() - start
     return {"impl": impl, "variant": variant, "load_s": load_s, "load_touch_s": touched_s,
             "peak_gb": rss_peak_gb(), "baseline_gb": baseline, "model_gb": module_bytes(model) / 1e9,
@@ -102,14 +100,6 @@ def report(args, results) -> str:
     lines += ["", "Targets (issue 3): peak RSS <= 1.15x the loaded model's bytes; load + touch no slower than the "
               "reference. The ratio column compares load + touch, the time until the weights are in memory.", ""]
     return "\n".join(lines)
-
-
-def _version(package):
-    try:
-        from importlib.metadata import version
-        return version(package)
-    except Exception:
-        return "?"
 
 
 def main():
