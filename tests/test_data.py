@@ -84,10 +84,18 @@ def test_held_out_pairs_never_reach_training():
     # ...and every colour, every kind and every allowed pair is still seen in training.
     seen = set().union(*(pairs_of(s) for s in train.scenes))
     assert seen == set(TRAIN_PAIRS)
-    # The texts for the tokenizer / language model never name a held-out pair either.
+    # The tokenizer's texts never name a held-out pair either.
     held_out_phrases = [f"{c} {k}" for c, k in HELD_OUT_PAIRS]
     for text in all_texts(1000, seed=0):
         assert not any(p in text for p in held_out_phrases), text
+    # Only the language model's `text` split does (as OPT's web text does), with every pair about equally often.
+    text = ShapesDataset("text", n=3000, seed=0)
+    counts = {pair: 0 for pair in ALL_PAIRS}
+    for scene in text.scenes:
+        for shape in scene.shapes:
+            counts[(shape.colour, shape.kind)] += 1
+    assert min(counts.values()) > 0.7 * max(counts.values()), counts
+    assert text.captions() != train.captions()[:3000]
 
 
 def test_every_test_scene_has_a_held_out_pair():
