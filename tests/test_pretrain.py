@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip2_mini.data.shapes import ShapesDataset, all_texts, questions
+from blip2_mini.data.shapes import ShapesDataset, all_texts, caption, parse_caption, questions, vqa_text
 from blip2_mini.loader import CheckpointError, load_model
 from blip2_mini.model import Blip2
 from blip2_mini.pretrain import evaluate as evaluate_module
 from blip2_mini.pretrain.common import pixel_values
-from blip2_mini.pretrain.evaluate import evaluate_generation, evaluate_retrieval
+from blip2_mini.pretrain.evaluate import (evaluate_generation, evaluate_retrieval, lm_restating_accuracy,
+                                          token_position_probe)
 from blip2_mini.pretrain.export import official_state_dict, ours_to_official, save_generation_model, save_retrieval_model
-from blip2_mini.pretrain.frozen import (cell_labels, init_weights, pretrain_language_model, pretrain_vision,
-                                        toy_config, train_tokenizer)
+from blip2_mini.pretrain.frozen import (CellHead, cell_labels, init_weights, paired_documents, pretrain_language_model,
+                                        pretrain_vision, toy_config, train_tokenizer)
 from blip2_mini.pretrain.stage1 import Stage1Model, qformer_text, train_stage1
 from blip2_mini.pretrain.stage2 import train_stage2
 from blip2_mini.tokenizer import load_tokenizer
@@ -84,6 +85,40 @@ def test_frozen_parts_train(world):
                                        lr=3e-3, quiet=True)
     assert decreased(progress.history)
     assert not any(p.requires_grad for p in opt.parameters())
+
+
+def test_paired_documents_restate_one_scene(world):
+    """Each document is "description</s>restatement" about one scene: the description lists the scene's shapes
+    (in caption order or shuffled), the restatement is its caption or one of its questions with the answer. The
+    tokenizer reads the `</s>` in the text as the EOS id, so the LM sees two documents packed as OPT's were."""
+    scenes, tokenizer = world["ds"].scenes, world["tokenizer"]
+    docs = paired_documents(scenes, 60, seed=3)
+    assert docs == paired_documents(scenes, 60, seed=3)  # deterministic
+    kinds = {"shuffled": 0, "caption": 0, "question": 0}
+    for doc in docs:
+        first, second = doc.split("</s>")
+        scene = next(s for s in scenes if sorted(map(str, parse_caption(first))) == sorted(map(str, s.attributes))
+                     and (second == caption(s) or second in [vqa_text(q, a) for q, a in questions(s)]))
+        kinds["shuffled"] += first != caption(scene)
+        kinds["caption" if second == caption(scene) else "question"] += 1
+        ids = tokenizer.encode(doc)
+        assert ids.count(tokenizer.eos_token_id) == 2 and ids[0] == tokenizer.bos_token_id  # BOS is EOS in OPT
+    assert all(n > 5 for n in kinds.values()), kinds
+
+
+def test_vit_head_names_cells_and_tokens():
+    """The ViT's throw-away head: kind/colour/size of the five cells from their own tokens, and for every one
+    of the P tokens which token it is (the position the Q-Former's cross-attention cannot see otherwise)."""
+    torch.manual_seed(0)
+    head = CellHead(width=8, num_tokens=10)
+    tokens = torch.randn(2, 10, 8)
+    cells, where = head(tokens)
+    assert CellHead.CELL_TOKENS == [2, 4, 5, 6, 8]  # top, left, center, right, bottom of the 3x3 patch grid
+    torch.testing.assert_close(cells["colour"][:, 1], head.out(tokens[:, 4])[:, 5:12])  # left cell: token 4
+    # "where" reads each token alone: shuffle the tokens and its answers move with them, so the only way to
+    # name a token's place is from what the ViT wrote into that token.
+    perm = torch.randperm(10)
+    torch.testing.assert_close(head(tokens[:, perm])[1], where[:, perm])
 
 
 def test_stage1_trains_all_three_losses(world):
@@ -283,6 +318,23 @@ def test_shipped_evaluation_reproduces():
     if itm_dir.exists():
         r = evaluate_retrieval(load_model(itm_dir, progress=False), load_tokenizer(itm_dir), 100, rerank=4)
         assert r["retrieval_r1_itc_i2t"] == pytest.approx(recorded["retrieval_r1_itc_i2t"], abs=0.05)
+
+
+@shipped
+def test_shipped_frozen_checks_reproduce():
+    """eval.json's checks of the frozen parts (the ViT says where each token is; the OPT restates a caption it
+    was given) come out again from the saved weights."""
+    recorded = json.loads((SHIPPED / "eval.json").read_text())["frozen_checks"]
+    model = load_model(SHIPPED, progress=False)
+    tokenizer = load_tokenizer(SHIPPED)
+    val = ShapesDataset("val", n=200, seed=0, image_size=72)
+    for key, shuffled in (("lm_restates_caption", False), ("lm_restates_shuffled", True)):
+        measured = lm_restating_accuracy(model.language_model, tokenizer, val.scenes, shuffled=shuffled)
+        for attribute, value in recorded[key].items():
+            assert measured[attribute] == pytest.approx(value, abs=0.02), (key, attribute)
+    train = ShapesDataset("train", n=1000, seed=0, image_size=72)
+    probe = token_position_probe(model.vision_model, pixel_values(train.images()), pixel_values(val.images()))
+    assert probe == pytest.approx(recorded["vit_token_position_probe"], abs=0.02)
 
 
 @shipped

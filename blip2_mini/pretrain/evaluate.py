@@ -10,12 +10,16 @@ so these numbers measure compositional generalisation, not memorisation.
                text->image by ITC similarity, and image->text after re-ranking ITC's top 8 with ITM (as the
                BLIP-2 paper does). A retrieved caption counts as right when its text equals the true caption
                (a few scenes share a caption word for word).
+    frozen     checks that the frozen parts can do what stage 2 relies on (run.py records them in eval.json):
+               `token_position_probe` (does the ViT's output say where each token is?) and
+               `lm_restating_accuracy` (can the OPT restate a description given in context?)
 
     python -m blip2_mini evaluate [--weights DIR] [--retrieval-weights DIR] [--n-images N] [--json FILE]
 """
 
 import argparse
 import json
+import random
 import sys
 import time
 from collections import defaultdict
@@ -99,6 +103,62 @@ def evaluate_retrieval(model: Blip2, tokenizer, n_images: int = 1000, gallery: i
     n = (n_images // gallery) * gallery
     return {f"retrieval_r1_{k}": v / n for k, v in hits.items()} | {"retrieval_gallery": gallery,
                                                                      "retrieval_n_images": n}
+
+
+# ---- can the frozen parts do what stage 2 needs? ---------------------------------------------------------
+
+
+@torch.no_grad()
+def lm_restating_accuracy(language_model, tokenizer, scenes, shuffled: bool = False, seed: int = 0) -> dict:
+    """How well the frozen OPT restates a scene it was given in context: on "</s> description </s> caption",
+    teacher-forced, the share of the caption's size / colour / kind / position words it predicts right. The
+    description is the caption itself, or (`shuffled`) its phrases in random order. Near 1.0 means the LM can
+    look back and copy, which a soft visual prompt needs; ~0.5 on size means it guesses (there are two sizes)."""
+    from ..data.shapes import COLOURS, KINDS, POSITIONS, SIZES, caption, shape_phrase
+
+    rng = random.Random(seed)
+    word_ids = {name: {tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words}
+                for name, words in (("size", SIZES), ("colour", COLOURS), ("kind", KINDS), ("position", POSITIONS))}
+    hits, counts = defaultdict(int), defaultdict(int)
+    for scene in scenes:
+        phrases = [shape_phrase(s) for s in scene.shapes]
+        if shuffled and len(phrases) > 1:
+            rng.shuffle(phrases)
+            first = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        else:
+            first = caption(scene)
+        context = tokenizer.encode(first) + [tokenizer.eos_token_id]
+        ids = torch.tensor([context + tokenizer.encode(caption(scene), add_special_tokens=False)])  # (1, T)
+        predicted = language_model(language_model.embed_tokens(ids), torch.ones_like(ids))[0].argmax(-1)  # (T,)
+        for t in range(len(context), ids.shape[1]):
+            for name, ids_of_kind in word_ids.items():
+                if ids[0, t].item() in ids_of_kind:
+                    counts[name] += 1
+                    hits[name] += predicted[t - 1].item() == ids[0, t].item()
+    return {name: hits[name] / max(counts[name], 1) for name in word_ids}
+
+
+def token_position_probe(vision_model, train_pixels, eval_pixels, steps: int = 300, seed: int = 0) -> float:
+    """Can a token's place in the image be read from the frozen ViT's output token alone? A linear probe is
+    trained to name each token's index (0 = CLS, 1.. = patches) from its features; returns its accuracy on
+    `eval_pixels`. The Q-Former's cross-attention sees the tokens as a set, so this is all it can know of where
+    something is (1 / P = chance)."""
+    with torch.no_grad():
+        train_tokens, eval_tokens = vision_model(train_pixels), vision_model(eval_pixels)  # (N, P, Dv)
+    P, Dv = train_tokens.shape[1:]
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(Dv, P)
+    torch.nn.init.normal_(probe.weight, std=0.02, generator=generator)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    target = torch.arange(P).repeat(len(train_tokens))
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(probe(train_tokens.flatten(0, 1)), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return (probe(eval_tokens).argmax(-1) == torch.arange(P)).float().mean().item()
 
 
 def main(argv=None):
