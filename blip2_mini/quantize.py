@@ -67,8 +67,9 @@ and for the earlier, weaker toy model (8 queries), whose greedy choices had many
     head fp16 (the default):          weight-only 95.5 %,  int8 activations 88.0 %
     head fp32 (no fbgemm):            weight-only 96.0 %,  int8 activations 89.5 %
 (fp16's 2e-4 relative error on the logits still flipped one to three of its captions of 200).
-The measurements below were made on that earlier model. Per-group scales (one per 128 input channels) instead of per output channel: 89.5 % / 96.0 % (weight-only,
-simulated), no better than keeping the head in fp32; so the scales stay per output channel.
+The measurements below were made on that earlier model. Per-group scales (one per 128 input channels) instead
+of per output channel: 89.5 % / 96.0 % (weight-only, simulated), no better than keeping the head in fp32; so the
+scales stay per output channel.
 Int8 activations lose more because fbgemm rounds each call's whole input (B, I) with one scale, and that script
 captions 100 scenes per batch: one scale for 100 rows. Measured, not shipped: one scale per row (token) 94.0 %;
 rounding the rounding error too and running the kernel twice, x ~ Q(x) + Q(x - Q(x)) (~14-bit inputs), 96.0 %,

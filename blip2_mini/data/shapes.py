@@ -361,12 +361,17 @@ def shape_phrase(shape: Shape) -> str:
     return f"a {shape.size} {shape.colour} {shape.kind} {POSITION_PHRASES[shape.position]}"
 
 
-def caption(scene: Scene) -> str:
-    """The scene's one caption: shapes in reading order, "A", "A and B" or "A, B and C"."""
-    phrases = [shape_phrase(s) for s in scene.shapes]
+def describe(shapes: Sequence[Shape]) -> str:
+    """The shapes' phrases in the order given: "A", "A and B" or "A, B and C"."""
+    phrases = [shape_phrase(s) for s in shapes]
     if len(phrases) == 1:
         return phrases[0]
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def caption(scene: Scene) -> str:
+    """The scene's one caption: its shapes described in reading order."""
+    return describe(scene.shapes)
 
 
 def _refer(scene: Scene, shape: Shape, asked: str) -> str | None:

@@ -114,19 +114,15 @@ def lm_restating_accuracy(language_model, tokenizer, scenes, shuffled: bool = Fa
     teacher-forced, the share of the caption's size / colour / kind / position words it predicts right. The
     description is the caption itself, or (`shuffled`) its phrases in random order. Near 1.0 means the LM can
     look back and copy, which a soft visual prompt needs; ~0.5 on size means it guesses (there are two sizes)."""
-    from ..data.shapes import COLOURS, KINDS, POSITIONS, SIZES, caption, shape_phrase
+    from ..data.shapes import COLOURS, KINDS, POSITIONS, SIZES, caption
+    from .frozen import shuffled_description
 
     rng = random.Random(seed)
     word_ids = {name: {tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words}
                 for name, words in (("size", SIZES), ("colour", COLOURS), ("kind", KINDS), ("position", POSITIONS))}
     hits, counts = defaultdict(int), defaultdict(int)
     for scene in scenes:
-        phrases = [shape_phrase(s) for s in scene.shapes]
-        if shuffled and len(phrases) > 1:
-            rng.shuffle(phrases)
-            first = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-        else:
-            first = caption(scene)
+        first = shuffled_description(scene, rng) if shuffled else caption(scene)
         context = tokenizer.encode(first) + [tokenizer.eos_token_id]
         ids = torch.tensor([context + tokenizer.encode(caption(scene), add_special_tokens=False)])  # (1, T)
         predicted = language_model(language_model.embed_tokens(ids), torch.ones_like(ids))[0].argmax(-1)  # (T,)
