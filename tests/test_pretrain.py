@@ -87,6 +87,31 @@ def test_frozen_parts_train(world):
     assert not any(p.requires_grad for p in opt.parameters())
 
 
+def test_quick_recipe_runs_end_to_end(tmp_path):
+    """`python -m blip2_mini pretrain --quick`: every step of the recipe on tiny data, and what it saves loads
+    as a stage-2 and a stage-1 checkpoint whose numbers eval.json records."""
+    from blip2_mini.pretrain.run import QUICK, pretrain
+
+    out = tmp_path / "toy"
+    report = pretrain(QUICK, out, quiet=True)
+    recorded = json.loads((out / "eval.json").read_text())
+    assert recorded["recipe"] == vars(QUICK) and set(recorded["wall_seconds"]) >= {"vit", "opt", "stage1", "stage2"}
+    assert recorded["frozen_checks"] == json.loads(json.dumps(report["frozen_checks"]))
+    model = load_model(out, progress=False)
+    assert model.config.num_query_tokens == 32 and model.qformer.embeddings is None
+    assert load_model(tmp_path / "toy-itm", progress=False).qformer.embeddings is not None
+
+
+def test_language_model_refuses_texts_longer_than_its_positions(world):
+    """OPT's positions are learned: a training text past the table must be a clear error, not an IndexError
+    deep in the embedding (the quick recipe once hit it with a 330-token vocabulary)."""
+    config = tiny_config(world["tokenizer"])
+    opt = Blip2(replace(config, text_config=replace(config.text_config, max_position_embeddings=12))).language_model
+    with pytest.raises(ValueError, match=r"1 of the language model's training texts are longer than its 12 positions"):
+        pretrain_language_model(opt, world["tokenizer"], ["a small red circle", world["captions"][0] * 3], steps=1,
+                                quiet=True)
+
+
 def test_paired_documents_restate_one_scene(world):
     """Each document is "description</s>restatement" about one scene: the description lists the scene's shapes
     (in caption order or shuffled), the restatement is its caption or one of its questions with the answer. The
@@ -346,6 +371,16 @@ def test_shipped_config_is_official_opt_layout():
     assert tokenizer.convert_tokens_to_ids("<image>") == config["image_token_index"]
     assert json.loads((SHIPPED / "processor_config.json").read_text())["num_query_tokens"] == config["num_query_tokens"]
     assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 20e6
+
+
+@shipped
+def test_evaluate_command_exits_zero(capsys):
+    """`python -m blip2_mini evaluate` prints its table and exits 0; its main() returns the metrics to Python
+    callers, and that dict must not become the process's exit status (sys.exit(dict) prints it and exits 1)."""
+    from blip2_mini import __main__ as cli
+
+    assert cli.main(["evaluate", "--n-images", "2", "--n-retrieval", "100", "--threads", "1"]) == 0
+    assert "retrieval_r1_itc_i2t" in capsys.readouterr().out
 
 
 def test_evaluate_command_reports_missing_weights(tmp_path):

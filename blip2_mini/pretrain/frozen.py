@@ -292,6 +292,12 @@ def pretrain_language_model(opt: OPT, tokenizer, texts: list[str], steps: int, b
     """Train `opt` (in place) as a language model on `texts`: "</s> text </s>" (OPT's BOS is its EOS)."""
     generator = torch.Generator().manual_seed(seed)
     encoded = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts]  # encode() prepends BOS
+    positions = opt.config.max_position_embeddings
+    too_long = [len(e) for e in encoded if len(e) > positions]
+    if too_long:  # OPT has learned positions: a longer text would index past its position table
+        raise ValueError(f"{len(too_long)} of the language model's training texts are longer than its "
+                         f"{positions} positions (the longest: {max(too_long)} tokens): learn a larger BPE "
+                         f"vocabulary (fewer tokens per text) or give the model more positions")
     optimizer = torch.optim.AdamW(opt.parameters(), lr=lr, weight_decay=0.01)
     progress = Progress("frozen OPT: next-token prediction on captions and answers", steps, quiet=quiet)
     opt.train()
