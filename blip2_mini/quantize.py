@@ -22,15 +22,20 @@ The matmul: because s depends only on the output channel, it factors out of the 
 
 so the int8 matrix is multiplied as it is and the scale is one multiply per output. Two kernels compute it:
 
-- activations="float" (the default, truly weight-only: x stays fp32): `q` is converted to floats in blocks of
-  rows small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact
-  apart from the rounding of the weights. It saves memory, but it is barely faster than fp32: the int8 -> fp32
-  conversion runs at ~6 G weights/s per core (measured, AVX2 EPYC, torch 2.13), about the rate at which fp32
-  weights stream from RAM (~5 G/s = 20 GB/s). Per OPT-2.7b layer, 1 thread, thread CPU time on a busy
-  machine: one row (greedy) fp32 17.4 ms, weight-only 19.0 ms, fbgemm (below) 6.4 ms; five rows (beam
-  search) fp32 48.8 ms (opt.linear), weight-only 47.5 ms, fbgemm 7.9 ms.
-  The ceiling of this kernel is the conversion: 2.65 G weights / 6 G/s = 0.44 s per token per core, so it
-  cannot reach 1 byte / weight / bandwidth (0.15 s at 18 GB/s). A kernel converting in registers would.
+- activations="float" (the default, weight-only: x is not quantized). Two kernels, chosen per call
+  (`use_packed_int8_kernel`):
+  * on a CPU, PyTorch's int8 x bf16 kernel `_weight_int8pack_mm` (the one gpt-fast and torchao use): it reads
+    q as int8 and widens it to float in registers, so RAM traffic is 1 byte per weight and one generated token
+    costs ~1 byte x weights / bandwidth. Its inputs are bf16: x and s are rounded to bf16 and y comes back in
+    bf16 (8 significant bits: ~0.3 % relative error per matmul, against the weights' ~0.9 %; on the test
+    fixture the logits' error goes from 0.57 % to 0.60 %). Measured per OPT-2.7b layer, 2 threads, AMD EPYC
+    with AVX-512 (torch 2.13): one row (greedy) 2.3 ms, five rows (beam search) 4.4 ms, 33 rows (prefill)
+    17.9 ms, against fp32's 12.8 / 26.9 / 40.5 ms and the block kernel's 6.5 / 12.5 / 36.9 ms; over all 32
+    layers one row reads the int8 weights at ~30 GB/s, the machine's bandwidth.
+  * elsewhere (a GPU; widths that are not multiples of 32), `q` is converted to floats in blocks of rows
+    small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact apart
+    from the rounding of the weights, but barely faster than fp32: the int8 -> fp32 conversion runs at
+    ~6 G weights/s per core (AVX2 EPYC), about the rate at which fp32 weights stream from RAM.
 - activations="int8" (x is quantized too): PyTorch's fbgemm kernel `quantized::linear_dynamic` also rounds each
   call's input x to 8 bits (one scale and zero point for the whole input, computed on the fly), then runs an
   integer matmul reading the int8 weights directly. Much faster on x86 CPUs, a little less accurate. We ask for
@@ -122,6 +127,18 @@ def _fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def use_packed_int8_kernel(x: torch.Tensor, in_features: int) -> bool:
+    """Whether the weight-only matmul of x (B, I) runs PyTorch's int8 x bf16 CPU kernel (`_weight_int8pack_mm`).
+
+    Its conditions, measured (torch 2.13): a CPU tensor; I a multiple of 32 (other widths crashed the process,
+    e.g. I = 77 or 100); and where the CPU has no AVX-512 (the kernel's vectorised version is written for it),
+    few rows: with AVX2 only it beats converting blocks to fp32 up to ~64 rows and loses past that
+    (per OPT-2.7b layer, 128 rows: 122 ms vs 94 ms). Elsewhere (GPU, odd widths) the block kernel below runs."""
+    if x.device.type != "cpu" or in_features % 32 or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return False
+    return x.shape[0] <= 64 or torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class Int8Linear(nn.Module):
     """A Linear layer y = x W^T + b whose weight is stored as int8 + per-output-channel scales."""
 
@@ -159,7 +176,15 @@ class Int8Linear(nn.Module):
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # reduce_range=True: see the docstring
             return y.reshape(*shape[:-1], self.out_features)
-        # Weight-only: y = (x @ q^T) * s + b, with q converted to float one cache-sized block of rows at a time
+        if use_packed_int8_kernel(x, self.in_features):
+            # PyTorch's int8 x bf16 kernel (the one gpt-fast/torchao use): q is read as int8 and widened in
+            # registers, so RAM traffic is 1 byte per weight; x, s and y pass through bf16 (module docstring).
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight_int8,
+                                                   self.scale.to(torch.bfloat16)).float()  # (B, O)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
+        # Otherwise: y = (x @ q^T) * s + b, with q converted to float one cache-sized block of rows at a time
         # into the same scratch buffer, used while it is still in cache. Two things matter for speed: the fp32
         # copy of the whole matrix never exists (RAM traffic stays ~1 byte per weight), and the buffer is
         # allocated once per call: a fresh multi-MiB tensor per block is fresh pages from the kernel, whose
@@ -272,8 +297,8 @@ def store_head_in_fp16(lm: nn.Module) -> nn.Module:
 def quantize_language_model(model: nn.Module, activations: str = "float", quantize_head: bool = False) -> nn.Module:
     """Replace the language model's Linear layers by int8 ones, in place; return the model.
 
-    `model` is a blip2_mini Blip2 (or its language model). activations="float" keeps the inputs of every
-    matmul in fp32 (weight-only); "int8" also quantizes them, per call (faster on x86, see the module docstring).
+    `model` is a blip2_mini Blip2 (or its language model). activations="float" quantizes the weights only
+    (the matmul inputs stay float: fp32, or bf16 in the CPU's int8 x bf16 kernel); "int8" also quantizes them, per call (faster on x86, see the module docstring).
     The output head (OPT: the tied embedding table) is stored in fp16 (store_head_in_fp16; fp32 without
     fbgemm) unless `quantize_head` makes it int8 too: it is one matrix (5 % of OPT-2.7b's weights) but its
     rounding errors land directly on the logits that pick each token (module docstring: measured captions).

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from blip2_mini import load_model
 from blip2_mini.model import OPTSession
-from blip2_mini.quantize import Int8Linear, dequantize_weight, quantize_language_model, quantize_weight
+from blip2_mini.quantize import (Int8Linear, dequantize_weight, quantize_language_model, quantize_weight,
+                                 use_packed_int8_kernel)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model" / "opt-base"
 TOLERANCE = {"float": (0.02, 0.05), "int8": (0.04, 0.10)}  # (relative error, max error / std of fp32 logits)
@@ -71,6 +72,23 @@ def test_int8_linear_computes_scaled_integer_matmul(activations, monkeypatch):
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     else:
         assert (y - expected).norm() / expected.norm() < 0.02
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="no int8 x bf16 kernel")
+def test_packed_int8_kernel_computes_the_same_matmul_through_bf16():
+    """At widths that are multiples of 32, the CPU runs PyTorch's int8 x bf16 kernel: the same y = (x @ q^T) * s + b,
+    with x, s and y rounded to bf16 (8 significant bits: relative error ~0.3 %); other widths use the block kernel."""
+    g = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(96, 50)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(50, 96, generator=g) / 96 ** 0.5)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 96, generator=g)
+    assert use_packed_int8_kernel(x, 96) and not use_packed_int8_kernel(x, 77)
+    q, scale = quantize_weight(linear.weight)
+    expected = x @ dequantize_weight(q, scale).T + linear.bias.detach()  # (3, 50)
+    error = ((layer(x) - expected).norm() / expected.norm()).item()
+    assert 1e-4 < error < 0.01  # rounded through bf16 (so not the block kernel's exact fp32), and only that
 
 
 @pytest.mark.parametrize("quantize_head", [False, True])
