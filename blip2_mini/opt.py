@@ -27,24 +27,34 @@ from .attention import KVCache, attend, bias_from_allowed, merge_heads, split_he
 from .config import OPTConfig
 
 POSITION_OFFSET = 2
+SPLIT = 4  # blocks of a weight matrix multiplied in parallel by `linear` below (2 cores: 2 or more)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (y = x W^T + b) for OPT's layers and head, computed as (W @ x^T)^T when x has a few rows.
+    """F.linear (y = x W^T + b) for OPT's layers and head, computed as blocks of (W @ x^T)^T when x has a few rows.
 
-    Why: beam search runs one row per beam (K = 2-8). For so few rows the CPU BLAS (MKL, measured on an AVX2
-    EPYC, 1 thread) takes a slow path for x @ W^T: 5 rows cost 5-6x one row. The same product written
-    W @ x^T (a matrix times a few columns) costs 2.5-3x one row, at OPT-2.7b's shapes. One row (greedy) and
-    many rows (prefill) keep F.linear. Same numbers up to the order of the float sums.
+    Why: decoding runs one row (greedy) or one row per beam (K = 2-8), and the CPU BLAS (MKL) is slow for so
+    few rows, two ways (measured at OPT-2.7b's shapes, torch 2.13, 2 threads):
+    - one row is a matrix-vector product, which MKL runs on one core: ~23 GB/s of weights, half of what two
+      cores draw from memory. Cutting W into SPLIT blocks of rows and multiplying them as one batched product
+      (torch.bmm) puts the blocks on different cores: 13.3 -> 8.5 ms per layer (AMD EPYC, AVX-512).
+    - for 2-8 rows, x @ W^T takes a slow path: 5 rows cost 5-6x one row (AVX2 EPYC, 1 thread). Written
+      W @ x^T (a matrix times a few columns) they cost 2.5-3x one row.
+    Many rows (prefill) keep F.linear, and so does bf16, whose kernel (oneDNN) has neither problem. Same
+    numbers up to the order of the float sums.
     """
     rows = x.numel() // x.shape[-1]
-    if not (2 <= rows <= 8 and x.device.type == "cpu" and x.dtype == torch.float32):
+    if not (rows <= 8 and x.device.type == "cpu" and x.dtype == torch.float32):
         return F.linear(x, weight, bias)
+    O, I = weight.shape
+    k = SPLIT if O % SPLIT == 0 else 1
     # x2 row-major, so that x2.T is a transposed view: MKL is ~4x slower again if the (I, r) operand is a
     # row-major matrix of its own (measured). The result is made contiguous for the same reason downstream.
-    x2 = x.reshape(rows, x.shape[-1]).contiguous()  # (r, I)
-    y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)  # (O, I) @ (I, r) -> (O, r)
-    return y.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])  # (..., O)
+    x2 = x.reshape(rows, I).contiguous()  # (r, I)
+    y = torch.bmm(weight.view(k, O // k, I), x2.T.expand(k, I, rows)).reshape(O, rows)  # k x (O/k, I) @ (I, r)
+    if bias is not None:
+        y += bias[:, None]
+    return y.T.contiguous().reshape(*x.shape[:-1], O)  # (..., O)
 
 
 class Linear(nn.Linear):

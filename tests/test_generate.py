@@ -141,18 +141,19 @@ def test_prefill_scores_only_the_last_position():
     torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("out_features", [48, 50])  # split in opt.SPLIT blocks of rows, or not divisible
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33])
-def test_opt_linear_equals_f_linear(rows):
-    """opt.linear computes a few rows (beam search) as (W @ x^T)^T for speed: the same numbers as F.linear up to
-    float rounding, for every row count, with and without bias, from contiguous or transposed inputs."""
+def test_opt_linear_equals_f_linear(rows, out_features):
+    """opt.linear computes a few rows (decoding) as blocks of (W @ x^T)^T for speed: the same numbers as F.linear
+    up to float rounding, for every row count, with and without bias, from contiguous or transposed inputs."""
     from blip2_mini.opt import linear
 
     g = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
+    weight, bias = torch.randn(out_features, 40, generator=g), torch.randn(out_features, generator=g)
     x = torch.randn(rows, 1, 40, generator=g)
     x_t = torch.randn(40, rows, generator=g).T.reshape(rows, 1, 40)  # a non-contiguous input
     for inputs in (x, x_t):
         for b in (bias, None):
             y = linear(inputs, weight, b)
-            assert y.shape == (rows, 1, 48) and y.is_contiguous()
+            assert y.shape == (rows, 1, out_features) and y.is_contiguous()
             torch.testing.assert_close(y, torch.nn.functional.linear(inputs, weight, b), rtol=1e-5, atol=1e-5)
