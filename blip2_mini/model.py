@@ -245,10 +245,6 @@ class OPTSession:
         self.lm, self.embeds, self.mask = lm, inputs_embeds, attention_mask
         self.cache = lm.new_cache()
 
-    def expand(self, n: int):
-        self.embeds = self.embeds.repeat_interleave(n, dim=0)
-        self.mask = self.mask.repeat_interleave(n, dim=0)
-
     def prefill(self):
         return self.lm(self.embeds, self.mask, self.cache, last_only=True)[:, -1]  # (N, V) logits after the prompt
 
@@ -269,10 +265,6 @@ class T5Session:
     def __init__(self, lm: T5, inputs_embeds, attention_mask, decoder_start_token_id: int):
         self.lm, self.embeds, self.mask, self.start = lm, inputs_embeds, attention_mask, decoder_start_token_id
         self.cache = lm.new_cache()
-
-    def expand(self, n: int):
-        self.embeds = self.embeds.repeat_interleave(n, dim=0)
-        self.mask = self.mask.repeat_interleave(n, dim=0)
 
     def prefill(self):
         self.encoded = self.lm.encode(self.embeds, self.mask)  # (N, S, D)

@@ -61,11 +61,6 @@ class ToySession:
         self.lm, self.ids, self.mask, self.h = lm, prompt_ids, prompt_mask, None
         self.calls = []
 
-    def expand(self, n):
-        self.calls.append(("expand", n))
-        self.ids = self.ids.repeat_interleave(n, dim=0)
-        self.mask = None if self.mask is None else self.mask.repeat_interleave(n, dim=0)
-
     def prefill(self):
         self.calls.append(("prefill",))
         logits, self.h = self.lm(self.ids, self.mask)
@@ -208,10 +203,11 @@ def test_session_protocol_call_order():
     out = decode.generate(session, ids, max_new_tokens=4, min_new_tokens=4, num_beams=3, eos_token_id=2,
                           pad_token_id=1)
     assert out.shape == (1, 4)
-    assert session.calls == [("expand", 3), ("prefill",)] + [("reorder", (3,)), ("step", (3,))] * 3
+    # The prompt runs once; its cache is then copied into the 3 beams (the first reorder).
+    assert session.calls == [("prefill",), ("reorder", (3,))] + [("reorder", (3,)), ("step", (3,))] * 3
     session = ToySession(TOY, ids, mask)
     decode.generate(session, ids, max_new_tokens=3, min_new_tokens=3, eos_token_id=2, pad_token_id=1)
-    assert session.calls == [("prefill",), ("step", (1,)), ("step", (1,))]  # no expand for one row
+    assert session.calls == [("prefill",), ("step", (1,)), ("step", (1,))]  # one row: nothing to copy
 
 
 # ---- processors and filters on crafted distributions --------------------------------------------------------
@@ -223,9 +219,6 @@ class FixedLogits:
     def __init__(self, logits, batch):
         self.logits, self.n = logits, batch
 
-    def expand(self, n):
-        self.n *= n
-
     def prefill(self):
         return self.logits.expand(self.n, -1)
 
@@ -233,7 +226,7 @@ class FixedLogits:
         return self.logits.expand(self.n, -1)
 
     def reorder(self, index):
-        pass
+        self.n = len(index)
 
 
 def sample_fixed(probs, n=400, **kwargs):
@@ -348,9 +341,6 @@ class HFOPTSession:
     def __init__(self, model, ids, mask):
         self.model, self.ids, self.mask, self.cache = model, ids, mask, None
 
-    def expand(self, n):
-        self.ids, self.mask = self.ids.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0)
-
     def _run(self, ids, positions):
         mask = None if bool((self.mask == 1).all()) else self.mask
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
@@ -372,14 +362,11 @@ class HFOPTSession:
 
 class HFT5Session:
     """A transformers T5ForConditionalGeneration as a session: encoder once (then repeated per row, as
-    generate does), decoder from the start token 0 with an EncoderDecoderCache."""
+    generate does; here by reorder), decoder from the start token 0 with an EncoderDecoderCache."""
 
     def __init__(self, model, ids, mask):
         self.model, self.mask, self.cache = model, mask, None
         self.encoded = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-
-    def expand(self, n):
-        self.encoded, self.mask = self.encoded.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0)
 
     def _run(self, decoder_ids):
         out = self.model(encoder_outputs=(self.encoded,), attention_mask=self.mask, decoder_input_ids=decoder_ids,
@@ -395,6 +382,7 @@ class HFT5Session:
 
     def reorder(self, index):
         self.cache.reorder_cache(index)
+        self.encoded, self.mask = self.encoded.index_select(0, index), self.mask.index_select(0, index)
 
 
 def hf_opt(seed=1):
