@@ -11,7 +11,7 @@ from pathlib import Path
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "blip2-shapes-tiny"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 class UsageError(Exception):
@@ -45,7 +45,9 @@ def positive_float(text):
 def add_model_options(p):
     p.add_argument("--weights", type=Path, default=None,
                    help=f"checkpoint directory (default: the shipped toy model, {DEFAULT_WEIGHTS.name})")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weight dtype (default float32); auto: what fits this machine (loader.auto_dtype: on a "
+                        "CPU with bf16 instructions, vision and language model in bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
                    help="CPU: the language model in int8 while loading (blip2_mini/quantize.py); int8-dynamic is "
@@ -138,7 +140,7 @@ def generation_kwargs(args):
 def load_checkpoint(args):
     import torch
 
-    from .loader import CheckpointError, load
+    from .loader import CheckpointError, auto_dtype, load
 
     weights = args.weights
     if weights is None:
@@ -150,8 +152,9 @@ def load_checkpoint(args):
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+    dtype, policy = auto_dtype(args.device) if args.dtype == "auto" else (getattr(torch, args.dtype), None)
     try:
-        return load(weights, dtype=getattr(torch, args.dtype), device=args.device, progress=sys.stderr.isatty(),
+        return load(weights, dtype=dtype, device=args.device, dtype_policy=policy, progress=sys.stderr.isatty(),
                     quantize=args.quantize)
     except (CheckpointError, OSError, ValueError) as e:
         raise UsageError(str(e).splitlines()[0]) from None

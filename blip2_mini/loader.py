@@ -356,6 +356,39 @@ class _QuantizeWhileLoading:
             replace_module(model, module, int8)
 
 
+def cpu_multiplies_bf16_faster(n: int = 512) -> bool:
+    """Whether this CPU multiplies bf16 matrices faster than fp32 ones: times one (n, n) @ (n, n) product in
+    each (best of 3, ~20 ms in all). CPUs with bf16 instructions (AVX512-BF16, AMX) do it several times faster
+    (measured on a 2-core AMD EPYC with AVX512-BF16: 970 vs 227 GFLOP/s); without them bf16 is emulated and
+    several times slower (an AVX2 EPYC: 21 vs 175 GFLOP/s). Asking the hardware beats a table of CPU flags."""
+    def best_seconds(dtype):
+        a = torch.randn(n, n).to(dtype)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_seconds(torch.bfloat16) < best_seconds(torch.float32)
+
+
+def auto_dtype(device="cpu") -> tuple[torch.dtype, dict | None]:
+    """(dtype, dtype_policy) that fit the hardware, for load(..., dtype=..., dtype_policy=...) and the command
+    line's `--dtype auto`. A GPU: bf16 everywhere (fp16 where bf16 is not supported). A CPU that multiplies
+    bf16 natively: the compute-bound stages, the ViT and the language model's prompt pass, in bf16, and the
+    small Q-Former in fp32, as the paper keeps it (blip2-opt-2.7b's shape, 2 threads, all in bf16: caption
+    4.4 s instead of 8.9 s in fp32, benchmarks/RESULTS.md). Any other CPU: fp32, which it computes fastest. Fewer
+    bytes per weight for decoding is quantization (load(quantize=...)), which changes the numbers a little,
+    so it is left to the caller."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
+    if device.type == "cpu" and cpu_multiplies_bf16_faster():
+        return torch.float32, {"vision_model": torch.bfloat16, "language_model": torch.bfloat16}
+    return torch.float32, None
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: dict | None = None,
                progress: bool = True, quantize: str | None = None) -> Blip2:
     """Build a Blip2 from a checkpoint directory. See `load` for the arguments."""

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
 import blip2_mini
 from blip2_mini import __main__ as cli
 from blip2_mini.processing import load_image
@@ -136,3 +138,22 @@ def test_caption_quantize_option_gives_the_quantized_models_tokens(capsys, mode,
     inputs = processor(images=load_image(EXAMPLES / "shapes.png"))
     expected = model.generate(**inputs, max_new_tokens=12)[0].tolist()
     assert json.loads(out)["token_ids"] == expected
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_dtype_auto_loads_the_policy_that_fits_the_cpu(capsys, monkeypatch, fast_bf16):
+    """--dtype auto: on a CPU that multiplies bf16 natively, the ViT and the language model in bf16 and the
+    Q-Former in fp32 (the tokens are those of a model loaded with that policy); on any other CPU, fp32."""
+    from blip2_mini import loader
+    monkeypatch.setattr(loader, "cpu_multiplies_bf16_faster", lambda: fast_bf16)
+    dtype, policy = loader.auto_dtype("cpu")
+    assert dtype is torch.float32
+    assert policy == ({"vision_model": torch.bfloat16, "language_model": torch.bfloat16} if fast_bf16 else None)
+    status, out, err = run(capsys, "caption", EXAMPLES / "shapes.png", "--weights", PIPELINES / "opt-pipeline",
+                           "--dtype", "auto", "--json", "--max-new-tokens", "12")
+    assert status == 0, err
+    model, processor = blip2_mini.load(PIPELINES / "opt-pipeline", dtype_policy=policy, progress=False)
+    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
+    inputs = processor(images=load_image(EXAMPLES / "shapes.png"))
+    assert json.loads(out)["token_ids"] == model.generate(**inputs, max_new_tokens=12)[0].tolist()
+
