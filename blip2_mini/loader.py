@@ -378,9 +378,9 @@ def auto_dtype(device="cpu") -> tuple[torch.dtype, dict | None]:
     line's `--dtype auto`. A GPU: bf16 everywhere (fp16 where bf16 is not supported). A CPU that multiplies
     bf16 natively: the compute-bound stages, the ViT and the language model's prompt pass, in bf16, and the
     small Q-Former in fp32, as the paper keeps it (blip2-opt-2.7b's shape, 2 threads, all in bf16: caption
-    4.4 s instead of 8.9 s in fp32, benchmarks/RESULTS.md). Any other CPU: fp32, which it computes fastest. Fewer
-    bytes per weight for decoding is quantization (load(quantize=...)), which changes the numbers a little,
-    so it is left to the caller."""
+    5.7 s instead of 8.6 s in fp32, benchmarks/RESULTS.md). Any other CPU: fp32, which it computes fastest.
+    Fewer bytes per weight for decoding is quantization (load(quantize=...)), which changes the numbers a
+    little, so it is left to the caller."""
     device = torch.device(device)
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None

@@ -20,7 +20,7 @@ The matmul: because s depends only on the output channel, it factors out of the 
 
     y[b, o] = sum_i x[b, i] * W[o, i] ~= s[o] * sum_i x[b, i] * q[o, i]      i.e.  y = (x @ q^T) * s + bias
 
-so the int8 matrix is multiplied as it is and the scale is one multiply per output. Two kernels compute it:
+so the int8 matrix is multiplied as it is and the scale is one multiply per output. Three kernels compute it:
 
 - activations="float" (the default, weight-only: x is not quantized). Two kernels, chosen per call
   (`use_packed_int8_kernel`):
@@ -30,8 +30,10 @@ so the int8 matrix is multiplied as it is and the scale is one multiply per outp
     bf16 (8 significant bits: ~0.3 % relative error per matmul, against the weights' ~0.9 %; on the test
     fixture the logits' error goes from 0.57 % to 0.60 %). Measured per OPT-2.7b layer, 2 threads, AMD EPYC
     with AVX-512 (torch 2.13): one row (greedy) 2.3 ms, five rows (beam search) 4.4 ms, 33 rows (prefill)
-    17.9 ms, against fp32's 12.8 / 26.9 / 40.5 ms and the block kernel's 6.5 / 12.5 / 36.9 ms; over all 32
-    layers one row reads the int8 weights at ~30 GB/s, the machine's bandwidth.
+    17.9 ms, against fp32's 12.8 / 26.9 / 40.5 ms and the block kernel's 6.5 / 12.5 / 36.9 ms. Over all 32
+    layers one row reads the weights at ~33 GB/s: the kernel widens ~17 G weights/s per core, so two cores
+    stay below what memory delivers (47-74 GB/s measured), and weight-only decoding runs at 1.5-2.4x the
+    bandwidth floor where fbgemm's kernel (below) runs at ~1.4x (benchmarks/RESULTS.md).
   * elsewhere (a GPU; widths that are not multiples of 32), `q` is converted to floats in blocks of rows
     small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact apart
     from the rounding of the weights, but barely faster than fp32: the int8 -> fp32 conversion runs at

@@ -156,4 +156,3 @@ def test_dtype_auto_loads_the_policy_that_fits_the_cpu(capsys, monkeypatch, fast
     assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
     inputs = processor(images=load_image(EXAMPLES / "shapes.png"))
     assert json.loads(out)["token_ids"] == model.generate(**inputs, max_new_tokens=12)[0].tolist()
-
