@@ -17,8 +17,8 @@ from blip2_mini.loader import CheckpointError, load_model
 from blip2_mini.model import Blip2
 from blip2_mini.pretrain import evaluate as evaluate_module
 from blip2_mini.pretrain.common import pixel_values
-from blip2_mini.pretrain.evaluate import (evaluate_generation, evaluate_retrieval, lm_restating_accuracy,
-                                          token_position_probe)
+from blip2_mini.pretrain.evaluate import (evaluate_generation, evaluate_retrieval, lm_answering_accuracy,
+                                          lm_restating_accuracy, token_position_probe)
 from blip2_mini.pretrain.export import official_state_dict, ours_to_official, save_generation_model, save_retrieval_model
 from blip2_mini.pretrain.frozen import (CellHead, cell_labels, init_weights, paired_documents, pretrain_language_model,
                                         pretrain_vision, toy_config, train_tokenizer)
@@ -348,7 +348,7 @@ def test_shipped_evaluation_reproduces():
 @shipped
 def test_shipped_frozen_checks_reproduce():
     """eval.json's checks of the frozen parts (the ViT says where each token is; the OPT restates a caption it
-    was given) come out again from the saved weights."""
+    was given, and answers questions about it) come out again from the saved weights."""
     recorded = json.loads((SHIPPED / "eval.json").read_text())["frozen_checks"]
     model = load_model(SHIPPED, progress=False)
     tokenizer = load_tokenizer(SHIPPED)
@@ -357,6 +357,9 @@ def test_shipped_frozen_checks_reproduce():
         measured = lm_restating_accuracy(model.language_model, tokenizer, val.scenes, shuffled=shuffled)
         for attribute, value in recorded[key].items():
             assert measured[attribute] == pytest.approx(value, abs=0.02), (key, attribute)
+    measured = lm_answering_accuracy(model.language_model, tokenizer, val.scenes)
+    for kind, value in recorded["lm_answers_from_caption"].items():
+        assert measured[kind] == pytest.approx(value, abs=0.02), ("lm_answers_from_caption", kind)
     train = ShapesDataset("train", n=1000, seed=0, image_size=72)
     probe = token_position_probe(model.vision_model, pixel_values(train.images()), pixel_values(val.images()))
     assert probe == pytest.approx(recorded["vit_token_position_probe"], abs=0.02)

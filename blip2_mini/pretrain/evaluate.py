@@ -134,6 +134,29 @@ def lm_restating_accuracy(language_model, tokenizer, scenes, shuffled: bool = Fa
     return {name: hits[name] / max(counts[name], 1) for name in word_ids}
 
 
+def lm_answering_accuracy(language_model, tokenizer, scenes, max_questions: int = 4, seed: int = 0) -> dict:
+    """How well the frozen OPT answers a question about a scene it was given *as text*: on
+    "</s> caption </s> Question: ... Answer:", the share of questions whose answer's first token is the LM's
+    most likely next token, per question type. This is the ceiling that VQA through a soft visual prompt can
+    expect: the prompt stands in for the caption, and the LM still has to find the answer in it."""
+    from ..data.shapes import caption, question_type, questions, vqa_prompt
+
+    rng = random.Random(seed)
+    hits, counts = defaultdict(int), defaultdict(int)
+    for scene in scenes:
+        qa = questions(scene)
+        for question, answer in rng.sample(qa, min(max_questions, len(qa))):
+            ids = tokenizer.encode(caption(scene)) + [tokenizer.eos_token_id] + tokenizer.encode(
+                vqa_prompt(question), add_special_tokens=False)
+            ids = torch.tensor([ids])  # (1, T)
+            logits = language_model(language_model.embed_tokens(ids), torch.ones_like(ids))[0, -1]  # (V,)
+            kind = question_type(question)
+            counts[kind] += 1
+            hits[kind] += logits.argmax().item() == tokenizer.encode(" " + answer, add_special_tokens=False)[0]
+    return {kind: hits[kind] / counts[kind] for kind in sorted(counts)} | {
+        "all": sum(hits.values()) / max(sum(counts.values()), 1)}
+
+
 def token_position_probe(vision_model, train_pixels, eval_pixels, steps: int = 300, seed: int = 0) -> float:
     """Can a token's place in the image be read from the frozen ViT's output token alone? A linear probe is
     trained to name each token's index (0 = CLS, 1.. = patches) from its features; returns its accuracy on
