@@ -113,7 +113,10 @@ class T5GatedFFN(nn.Module):
     def forward(self, x):
         h = gelu_tanh(self.wi_0(x)) * self.wi_1(x)  # (B, T, F)
         # wo may be kept in fp32 while the rest is fp16 (see the module docstring): compute it in wo's dtype.
-        return self.wo(h.to(self.wo.weight.dtype))  # (B, T, D)
+        # (An int8 wo, quantize.Int8Linear, has no float weight and takes any float input.)
+        if isinstance(self.wo, nn.Linear):
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)  # (B, T, D)
 
 
 class T5Attention(nn.Module):
