@@ -131,6 +131,9 @@ def _fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # looked up once, not on every matmul
+
+
 def use_packed_int8_kernel(x: torch.Tensor, in_features: int) -> bool:
     """Whether the weight-only matmul of x (B, I) runs PyTorch's int8 x bf16 CPU kernel (`_weight_int8pack_mm`).
 
@@ -138,7 +141,7 @@ def use_packed_int8_kernel(x: torch.Tensor, in_features: int) -> bool:
     e.g. I = 77 or 100); and where the CPU has no AVX-512 (the kernel's vectorised version is written for it),
     few rows: with AVX2 only it beats converting blocks to fp32 up to ~64 rows and loses past that
     (per OPT-2.7b layer, 128 rows: 122 ms vs 94 ms). Elsewhere (GPU, odd widths) the block kernel below runs."""
-    if x.device.type != "cpu" or in_features % 32 or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+    if x.device.type != "cpu" or in_features % 32 or not HAS_INT8PACK:
         return False
     return x.shape[0] <= 64 or torch.backends.cpu.get_cpu_capability() == "AVX512"
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from blip2_mini import load_model
 from blip2_mini.model import OPTSession
-from blip2_mini.quantize import (Int8Linear, dequantize_weight, linears_to_quantize, quantize_language_model,
-                                 quantize_weight, store_head_in_fp16, use_packed_int8_kernel)
+from blip2_mini.quantize import (HAS_INT8PACK, Int8Linear, dequantize_weight, linears_to_quantize,
+                                 quantize_language_model, quantize_weight, store_head_in_fp16, use_packed_int8_kernel)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model" / "opt-base"
 TOLERANCE = {"float": (0.02, 0.05), "int8": (0.04, 0.10)}  # (relative error, max error / std of fp32 logits)
@@ -74,7 +74,7 @@ def test_int8_linear_computes_scaled_integer_matmul(activations, monkeypatch):
         assert (y - expected).norm() / expected.norm() < 0.02
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="no int8 x bf16 kernel")
+@pytest.mark.skipif(not HAS_INT8PACK, reason="no int8 x bf16 kernel")
 def test_packed_int8_kernel_computes_the_same_matmul_through_bf16():
     """At widths that are multiples of 32, the CPU runs PyTorch's int8 x bf16 kernel: the same y = (x @ q^T) * s + b,
     with x, s and y rounded to bf16 (8 significant bits: relative error ~0.3 %); other widths use the block kernel."""

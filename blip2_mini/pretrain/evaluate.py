@@ -11,8 +11,9 @@ so these numbers measure compositional generalisation, not memorisation.
                BLIP-2 paper does). A retrieved caption counts as right when its text equals the true caption
                (a few scenes share a caption word for word).
     frozen     checks that the frozen parts can do what stage 2 relies on (run.py records them in eval.json):
-               `token_position_probe` (does the ViT's output say where each token is?) and
-               `lm_restating_accuracy` (can the OPT restate a description given in context?)
+               `token_position_probe` (does the ViT's output say where each token is?),
+               `lm_restating_accuracy` (can the OPT restate a description given in context?) and
+               `lm_answering_accuracy` (can it answer a question about a caption given in context?)
 
     python -m blip2_mini evaluate [--weights DIR] [--retrieval-weights DIR] [--n-images N] [--json FILE]
 """
@@ -134,6 +135,7 @@ def lm_restating_accuracy(language_model, tokenizer, scenes, shuffled: bool = Fa
     return {name: hits[name] / max(counts[name], 1) for name in word_ids}
 
 
+@torch.no_grad()
 def lm_answering_accuracy(language_model, tokenizer, scenes, max_questions: int = 4, seed: int = 0) -> dict:
     """How well the frozen OPT answers a question about a scene it was given *as text*: on
     "</s> caption </s> Question: ... Answer:", the share of questions whose answer's first token is the LM's

@@ -185,7 +185,7 @@ def pretrain_vision(vit: VisionTransformer, pixels: torch.Tensor, labels: torch.
     outline alone, so it carries over to unseen colours (kind probe on test: 62 % with a grey share of 0.5
     after 800 steps, 75 % with 0.8 after 1200). No held-out pair is shown: a grey square has no colour."""
     generator = torch.Generator().manual_seed(seed)
-    num_tokens = (vit.config.image_size // vit.config.patch_size) ** 2 + 1  # P: patches + CLS
+    num_tokens = vit.embeddings.position_embedding.shape[1]  # P: patches + CLS
     head = CellHead(vit.config.hidden_size, num_tokens)
     params = list(vit.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
