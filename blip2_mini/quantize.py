@@ -180,22 +180,26 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).float()  # (B, I)
-        if self.packed is not None:
+        if self.packed is not None:  # fbgemm applies s and the bias itself
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # reduce_range=True: see the docstring
-            return y.reshape(*shape[:-1], self.out_features)
-        if use_packed_int8_kernel(x, self.in_features):
-            # PyTorch's int8 x bf16 kernel (the one gpt-fast/torchao use): q is read as int8 and widened in
-            # registers, so RAM traffic is 1 byte per weight; x, s and y pass through bf16 (module docstring).
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight_int8,
-                                                   self.scale.to(torch.bfloat16)).float()  # (B, O)
+        else:
+            if use_packed_int8_kernel(x, self.in_features):
+                # PyTorch's int8 x bf16 kernel (the one gpt-fast/torchao use): q is read as int8 and widened in
+                # registers, so RAM traffic is 1 byte per weight; x, s and y pass through bf16 (module docstring).
+                y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight_int8,
+                                                       self.scale.to(torch.bfloat16)).float()  # (B, O)
+            else:
+                y = self._block_matmul(x)
             if self.bias is not None:
                 y = y + self.bias
-            return y.reshape(*shape[:-1], self.out_features)
-        # Otherwise: y = (x @ q^T) * s + b, with q converted to float one cache-sized block of rows at a time
-        # into the same scratch buffer, used while it is still in cache. Two things matter for speed: the fp32
-        # copy of the whole matrix never exists (RAM traffic stays ~1 byte per weight), and the buffer is
-        # allocated once per call: a fresh multi-MiB tensor per block is fresh pages from the kernel, whose
-        # page faults made this kernel 2x slower than fp32 (measured).
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _block_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(x @ q^T) * s for x (B, I) fp32, with q converted to float one cache-sized block of rows at a time
+        into the same scratch buffer, used while it is still in cache. Two things matter for speed: the fp32
+        copy of the whole matrix never exists (RAM traffic stays ~1 byte per weight), and the buffer is
+        allocated once per call: a fresh multi-MiB tensor per block is fresh pages from the kernel, whose
+        page faults made this kernel 2x slower than fp32 (measured)."""
         rows = max(1, BLOCK_ELEMENTS // self.in_features)
         x = x.contiguous()  # so that x.T below is a transposed view, the layout MKL multiplies fastest
         block = torch.empty(min(rows, self.out_features), self.in_features, dtype=x.dtype, device=x.device)
@@ -204,11 +208,7 @@ class Int8Linear(nn.Module):
             r = min(rows, self.out_features - start)
             block[:r].copy_(self.weight_int8[start:start + r])  # int8 -> fp32, still unscaled: (r, I)
             torch.mm(block[:r], x.T, out=y_t[start:start + r])  # (r, I) @ (I, B) -> (r, B), rows of y_t
-        y = y_t.T  # (B, O)
-        y = y * self.scale  # the per-output-channel scale, factored out of the sum over I
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y_t.T * self.scale  # (B, O); the per-output-channel scale, factored out of the sum over I
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}"
