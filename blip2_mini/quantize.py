@@ -71,8 +71,7 @@ On the trained toy model (weights/blip2-shapes-tiny, benchmarks/int8_captions.py
 tokens) the share of captions identical to fp32, for the current model (caption exact match 88.0 % on them):
     head fp16 (the default):          weight-only 100 %,  int8 activations 99.5 %
 for the two before it (exact match 91.5 % and 45 %): weight-only 99.5 and 99.5 %, int8 activations 99.5 and
-94.5 %; and for an earlier, weaker
-toy model (8 queries), whose greedy choices had many more near-ties:
+94.5 %; and for an earlier, weaker toy model (8 queries), whose greedy choices had many more near-ties:
     head int8 (quantize_head=True):   weight-only 89.0 %,  int8 activations 83.5 %
     head fp16 (the default):          weight-only 95.5 %,  int8 activations 88.0 %
     head fp32 (no fbgemm):            weight-only 96.0 %,  int8 activations 89.5 %
