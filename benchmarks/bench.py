@@ -379,7 +379,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     r["run_peak_gb"] = rss_peak_gb()
     r["pipeline_peak_gb"] = max(r["run_peak_gb"], r["load_peak_gb"])
     # The bandwidth again, in this process right after its decoding (the peak RSS is already taken): on a
-    # shared machine it moves between runs (46 to 74 GB/s in one day here), and a decode time is best compared
+    # shared machine it moves between runs (46 to 80 GB/s in one day here), and a decode time is best compared
     # with the bandwidth the machine gave at the time it was measured.
     r["copy_gbs"] = memory_bandwidth(device)["copy_gbs"]
     out.write_text(json.dumps(r, indent=2))
