@@ -381,7 +381,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     # The bandwidth again, in this process right after its decoding (the peak RSS is already taken): on a
     # shared machine it moves between runs (46 to 80 GB/s in one day here), and a decode time is best compared
     # with the bandwidth the machine gave at the time it was measured.
-    r["copy_gbs"] = memory_bandwidth(device)["copy_gbs"]
+    r.update(memory_bandwidth(device))  # copy_gbs (the decode floor's) and read_gbs
     out.write_text(json.dumps(r, indent=2))
 
 
@@ -434,8 +434,9 @@ def write_report(args, machine, results, path):
     floors = {}
     for v in ours:
         vdt = "bf16" if v in BF16_VISION else "fp32"  # lowmem stores bf16 but computes fp32
+        copy_gbs = ours[v].get("copy_gbs", machine["copy_gbs"])  # a run kept from before workers measured it
         floors[v] = {"vision_s": vflops / peak[vdt] / 1e9,
-                     "greedy_step_s": lm_weight_bytes(args.shape, v) / ours[v].get("copy_gbs", machine["copy_gbs"]) / 1e9}
+                     "greedy_step_s": lm_weight_bytes(args.shape, v) / copy_gbs / 1e9}
     lines = [f"# Benchmark: blip2_mini vs transformers {_version('transformers')} ({args.shape} shape)", ""]
     lines += [f"Command: `python benchmarks/bench.py --shape {args.shape} --dtype {args.dtype} --device {args.device}"
               f" --threads {args.threads}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
@@ -456,8 +457,8 @@ def write_report(args, machine, results, path):
               f"| {machine['matmul_fp32_gflops']:.0f} GFLOP/s | {machine['matmul_bf16_gflops']:.0f} GFLOP/s | "
               f"{machine['copy_gbs']:.1f} GB/s | {machine['read_gbs']:.1f} GB/s |", "",
               f"Floors: vision encode = {vflops / 1e9:.0f} GFLOP / matmul peak of its dtype; decode per token = "
-              "language-model weight bytes (layers + tied head) / copy bandwidth, the one measured in the variant's own "
-              "process right after its decoding (last table; the figure above when absent).", ""]
+              "language-model weight bytes (layers + tied head) / copy bandwidth, the one measured in the "
+              "variant's own process right after its decoding (last table; the figure above when absent).", ""]
 
     def ratio(a, b):
         return None if a is None or b is None or b == 0 else a / b

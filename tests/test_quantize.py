@@ -109,8 +109,8 @@ def test_int8_logits_within_tolerance_of_fp32(activations, quantize_head):
 def test_int8_flan_t5_computes_with_the_rounded_weights(monkeypatch):
     """The encoder-decoder too (Flan-T5's gated FFN once reached for wo.weight, which an int8 layer has not):
     with the exact block kernel, the int8 model's logits are those of the fp32 model whose Linear weights are
-    replaced by their int8 roundings s * q (and whose head is stored in fp16, the default). (Against fp32 itself this random fixture is no test: it is chaotic,
-    and even bf16 activations alone move its logits by 13 %.)"""
+    replaced by their int8 roundings s * q (and whose head is stored in fp16, the default). (Against fp32 itself
+    this random fixture is no test: it is chaotic, and even bf16 activations alone move its logits by 13 %.)"""
     monkeypatch.setattr("blip2_mini.quantize.use_packed_int8_kernel", lambda x, in_features: False)
     t5 = FIXTURE.parent / "t5-base"
     stored = load_file(t5 / "reference.safetensors")
