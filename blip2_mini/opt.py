@@ -27,27 +27,54 @@ from .attention import KVCache, attend, bias_from_allowed, merge_heads, split_he
 from .config import OPTConfig
 
 POSITION_OFFSET = 2
-SPLIT = 4  # blocks of a weight matrix multiplied in parallel by `linear` below (2 cores: 2 or more)
+
+
+def _cpu_vendor() -> str:
+    """"GenuineIntel", "AuthenticAMD", ... (Linux), or "" where /proc/cpuinfo is absent."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+INTEL = _cpu_vendor() == "GenuineIntel"  # MKL, Intel's BLAS, takes its fastest paths on Intel CPUs only
+
+
+def blocks_for_few_rows(rows: int, dtype: torch.dtype) -> int:
+    """Into how many blocks of rows `linear` cuts W for an input of `rows` <= 8 rows (1: plain F.linear).
+
+    Decoding multiplies one row (greedy) or one row per beam (2-8) by every weight matrix: memory-bound work,
+    fast only if both cores stream the weights. Whether the CPU's kernels do that depends on the kernel and
+    the CPU (OPT-2.7b's fc1, 10240 x 2560, 2 threads, torch 2.13; fastest of 8 rounds, memory read ~20 GB/s
+    on the Intel Xeon (AMX), 47-80 GB/s on the AMD EPYC (AVX-512)):
+    - fp32, one row: MKL's matrix-vector product runs on both cores of an Intel CPU (4.95 ms: 21 GB/s, all
+      that memory delivers; as 4 blocks 8.3 ms) but on one core of an AMD one (per OPT layer 13.3 ms; as 4
+      blocks 8.5 ms).
+    - fp32, 2-8 rows: x @ W^T takes a slow path on both (Intel, 5 rows: 10.3 ms, as 4 blocks 8.4 ms; an AVX2
+      EPYC, 1 thread: 5 rows cost 5-6x one row, as blocks 2.5-3x).
+    - bf16 (oneDNN) on the Intel Xeon: 2 blocks reach the bandwidth (1 row 4.19 -> 2.75 ms, 5 rows 3.60 ->
+      2.74 ms); 4 blocks of one row take a slow path (8.9 ms). On the AMD EPYC plain F.linear was measured
+      (35-38 GB/s) and is kept.
+    """
+    if dtype == torch.float32:
+        return 1 if rows == 1 and INTEL else 4
+    if dtype == torch.bfloat16 and INTEL:
+        return 2
+    return 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (y = x W^T + b) for OPT's layers and head, computed as blocks of (W @ x^T)^T when x has a few rows.
-
-    Why: decoding runs one row (greedy) or one row per beam (K = 2-8), and the CPU BLAS (MKL) is slow for so
-    few rows, two ways (measured at OPT-2.7b's shapes, torch 2.13, 2 threads):
-    - one row is a matrix-vector product, which MKL runs on one core: ~23 GB/s of weights, half of what two
-      cores draw from memory. Cutting W into SPLIT blocks of rows and multiplying them as one batched product
-      (torch.bmm) puts the blocks on different cores: 13.3 -> 8.5 ms per layer (AMD EPYC, AVX-512).
-    - for 2-8 rows, x @ W^T takes a slow path: 5 rows cost 5-6x one row (AVX2 EPYC, 1 thread). Written
-      W @ x^T (a matrix times a few columns) they cost 2.5-3x one row.
-    Many rows (prefill) keep F.linear, and so does bf16, whose kernel (oneDNN) has neither problem. Same
+    """F.linear (y = x W^T + b) for OPT's layers and head; when x has a few rows (decoding), computed as k blocks
+    of rows of W multiplied in parallel, as one batched product (torch.bmm) of (W_j @ x^T), so that both cores
+    stream the weights (k from blocks_for_few_rows above). Many rows (prompt, prefill) keep F.linear. Same
     numbers up to the order of the float sums.
     """
     rows = x.numel() // x.shape[-1]
-    if not (rows <= 8 and x.device.type == "cpu" and x.dtype == torch.float32):
-        return F.linear(x, weight, bias)
     O, I = weight.shape
-    k = SPLIT if O % SPLIT == 0 else 1
+    k = blocks_for_few_rows(rows, x.dtype) if rows <= 8 and x.device.type == "cpu" else 1
+    if k == 1 or O % k:
+        return F.linear(x, weight, bias)
     # x2 row-major, so that x2.T is a transposed view: MKL is ~4x slower again if the (I, r) operand is a
     # row-major matrix of its own (measured). The result is made contiguous for the same reason downstream.
     x2 = x.reshape(rows, I).contiguous()  # (r, I)

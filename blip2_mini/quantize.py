@@ -33,7 +33,9 @@ so the int8 matrix is multiplied as it is and the scale is one multiply per outp
     17.9 ms, against fp32's 12.8 / 26.9 / 40.5 ms and the block kernel's 6.5 / 12.5 / 36.9 ms. Over all 32
     layers one row reads the weights at ~33 GB/s: the kernel widens ~17 G weights/s per core, so two cores
     stay below what memory delivers (47-74 GB/s measured), and weight-only decoding runs at 1.5-2.4x the
-    bandwidth floor where fbgemm's kernel (below) runs at ~1.4x (benchmarks/RESULTS.md).
+    bandwidth floor where fbgemm's kernel (below) runs at ~1.4x. On an Intel Xeon with AMX, whose memory
+    delivers ~20 GB/s to 2 threads, the same holds: one row 2.8 ms (9.4 GB/s) against fbgemm's 1.4 ms
+    (18.4 GB/s) per 10240 x 2560 matrix (benchmarks/RESULTS.md).
   * elsewhere (a GPU; widths that are not multiples of 32), `q` is converted to floats in blocks of rows
     small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact apart
     from the rounding of the weights, but barely faster than fp32: the int8 -> fp32 conversion runs at
@@ -97,6 +99,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .opt import INTEL
+
 INT8_MAX = 127
 # Weight-only kernel: rows of q converted to float per block, sized to stay in the CPU cache (4 MiB of fp32:
 # within L3; measured fastest of 1-8 MiB at the OPT-2.7b shapes, on a busy machine).
@@ -137,12 +141,18 @@ HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # looked up once,
 def use_packed_int8_kernel(x: torch.Tensor, in_features: int) -> bool:
     """Whether the weight-only matmul of x (B, I) runs PyTorch's int8 x bf16 CPU kernel (`_weight_int8pack_mm`).
 
-    Its conditions, measured (torch 2.13): a CPU tensor; I a multiple of 32 (other widths crashed the process,
-    e.g. I = 77 or 100); and where the CPU has no AVX-512 (the kernel's vectorised version is written for it),
-    few rows: with AVX2 only it beats converting blocks to fp32 up to ~64 rows and loses past that
-    (per OPT-2.7b layer, 128 rows: 122 ms vs 94 ms). Elsewhere (GPU, odd widths) the block kernel below runs."""
+    Its conditions, measured (torch 2.13, 2 threads, per 10240 x 2560 matrix unless said): a CPU tensor; I a
+    multiple of 32 (other widths crashed the process, e.g. I = 77 or 100); and few rows unless the CPU is an
+    AMD one with AVX-512. The kernel's cost grows with the rows faster than the block kernel's, by how much
+    depends on the CPU: on an AMD EPYC with AVX-512 it won at every count measured (per OPT-2.7b layer, 33 rows:
+    17.9 vs 36.9 ms); with AVX2 only it loses past ~64 rows (per layer, 128 rows: 122 vs 94 ms); on an Intel
+    Xeon (AVX-512, AMX) it wins for 5 rows (5.4 vs 11.4 ms) and loses for 33 (29.4 vs 20.6 ms), so there it
+    runs decoding (<= 8 rows: greedy, beams) and the block kernel runs prompts. Elsewhere (GPU, odd widths)
+    the block kernel below runs."""
     if x.device.type != "cpu" or in_features % 32 or not HAS_INT8PACK:
         return False
+    if INTEL:
+        return x.shape[0] <= 8
     return x.shape[0] <= 64 or torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 

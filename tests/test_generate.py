@@ -141,19 +141,26 @@ def test_prefill_scores_only_the_last_position():
     torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("out_features", [48, 50])  # split in opt.SPLIT blocks of rows, or not divisible
+@pytest.mark.parametrize("intel", [True, False])  # the block counts chosen on either kind of CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features", [48, 50])  # split in 2 or 4 blocks of rows, or not divisible by 4
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33])
-def test_opt_linear_equals_f_linear(rows, out_features):
+def test_opt_linear_equals_f_linear(rows, out_features, dtype, intel, monkeypatch):
     """opt.linear computes a few rows (decoding) as blocks of (W @ x^T)^T for speed: the same numbers as F.linear
     up to float rounding, for every row count, with and without bias, from contiguous or transposed inputs."""
-    from blip2_mini.opt import linear
+    from blip2_mini import opt
 
+    monkeypatch.setattr(opt, "INTEL", intel)
     g = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(out_features, 40, generator=g), torch.randn(out_features, generator=g)
     x = torch.randn(rows, 1, 40, generator=g)
     x_t = torch.randn(40, rows, generator=g).T.reshape(rows, 1, 40)  # a non-contiguous input
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)  # bf16: 8 bits
     for inputs in (x, x_t):
         for b in (bias, None):
-            y = linear(inputs, weight, b)
-            assert y.shape == (rows, 1, out_features) and y.is_contiguous()
-            torch.testing.assert_close(y, torch.nn.functional.linear(inputs, weight, b), rtol=1e-5, atol=1e-5)
+            inputs, weight, b = inputs.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)
+            y = opt.linear(inputs, weight, b)
+            assert y.shape == (rows, 1, out_features) and y.is_contiguous() and y.dtype == dtype
+            torch.testing.assert_close(y.float(), torch.nn.functional.linear(inputs.float(), weight.float(),
+                                                                             None if b is None else b.float()),
+                                       **tol)
