@@ -54,7 +54,7 @@ def blocks_for_few_rows(rows: int, dtype: torch.dtype) -> int:
     - fp32, 2-8 rows: x @ W^T takes a slow path on both (Intel, 5 rows: 10.3 ms, as 4 blocks 8.4 ms; an AVX2
       EPYC, 1 thread: 5 rows cost 5-6x one row, as blocks 2.5-3x).
     - bf16 (oneDNN) on the Intel Xeon: 2 blocks reach the bandwidth (1 row 4.19 -> 2.75 ms, 5 rows 3.60 ->
-      2.74 ms); 4 blocks of one row take a slow path (8.9 ms). On the AMD EPYC plain F.linear was measured
+      2.74 ms); 4 blocks of one row were slower in every run (3.1-8.9 ms). On the AMD EPYC plain F.linear was measured
       (35-38 GB/s) and is kept.
     """
     if dtype == torch.float32:
