@@ -315,7 +315,8 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
     """Replace the language model's Linear layers by int8 ones, in place; return the model.
 
     `model` is a blip2_mini Blip2 (or its language model). activations="float" quantizes the weights only
-    (the matmul inputs stay float: fp32, or bf16 in the CPU's int8 x bf16 kernel); "int8" also quantizes them, per call (faster on x86, see the module docstring).
+    (the matmul inputs stay float: fp32, or bf16 in the CPU's int8 x bf16 kernel); "int8" also quantizes them,
+    per call (faster on x86, see the module docstring).
     The output head (OPT: the tied embedding table) is stored in fp16 (store_head_in_fp16; fp32 without
     fbgemm) unless `quantize_head` makes it int8 too: it is one matrix (5 % of OPT-2.7b's weights) but its
     rounding errors land directly on the logits that pick each token (module docstring: measured captions).
