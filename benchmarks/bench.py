@@ -385,9 +385,9 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
 
             logits = lm(inputs_embeds=embeds, attention_mask=mask).logits[0]
 
-        # Generation runs are long: the stages above warmed everything up, so no warm-up run here, and a
-        # single run each when repeats < 3 (the full shape).
-        gen_repeats = 1 if repeats < 3 else 2
+        # Generation runs are long: the stages above warmed everything up, so no warm-up run here; two runs
+        # each (one was too few on a machine whose speed flips between phases: a caption is 5-30 s).
+        gen_repeats = 2
         gen_timed = lambda fn: best_time(fn, gen_repeats, sync, warmup=False)  # noqa: E731
         for label, beams in (("greedy", 1), ("beam", BEAMS)):
             one = gen_timed(lambda: lm_generate(1, beams))
