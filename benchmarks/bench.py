@@ -333,8 +333,8 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     timed = lambda fn, n=max(repeats, 5): best_time(fn, n, sync)  # noqa: E731
 
     # The matmul peak of the dtype the vision encoder computes in, measured again in this process right
-    # before it runs: on a shared machine it moves between runs (107-371 vs ~150-1100 GFLOP/s within minutes,
-    # an Intel Xeon with AMX), and a vision time is best compared with what the machine gave at the time.
+    # before it runs: on a shared machine it moves between runs (one day on an Intel Xeon with AMX: fp32
+    # 185-300, bf16 624-2138 GFLOP/s), and a vision time is best compared with what the machine gave then.
     r["peak_gflops"] = matmul_peak(device, torch.bfloat16 if variant in BF16_VISION else torch.float32)
 
     with torch.no_grad():
