@@ -155,10 +155,10 @@ def test_opt_linear_equals_f_linear(rows, out_features, dtype, intel, monkeypatc
     weight, bias = torch.randn(out_features, 40, generator=g), torch.randn(out_features, generator=g)
     x = torch.randn(rows, 1, 40, generator=g)
     x_t = torch.randn(40, rows, generator=g).T.reshape(rows, 1, 40)  # a non-contiguous input
+    weight, bias, x, x_t = weight.to(dtype), bias.to(dtype), x.to(dtype), x_t.to(dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)  # bf16: 8 bits
     for inputs in (x, x_t):
         for b in (bias, None):
-            inputs, weight, b = inputs.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)
             y = opt.linear(inputs, weight, b)
             assert y.shape == (rows, 1, out_features) and y.is_contiguous() and y.dtype == dtype
             torch.testing.assert_close(y.float(), torch.nn.functional.linear(inputs.float(), weight.float(),
