@@ -79,9 +79,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # row-major matrix of its own (measured). The result is made contiguous for the same reason downstream.
     x2 = x.reshape(rows, I).contiguous()  # (r, I)
     y = torch.bmm(weight.view(k, O // k, I), x2.T.expand(k, I, rows)).reshape(O, rows)  # k x (O/k, I) @ (I, r)
+    y = y.T.contiguous()  # (r, O)
     if bias is not None:
-        y += bias[:, None]
-    return y.T.contiguous().reshape(*x.shape[:-1], O)  # (..., O)
+        # Added in (r, O) layout, where each row is contiguous: in (O, r) layout, inner size r = 5, the same
+        # add took 69 us instead of 7.5 (bf16, O = 2560; 218 vs 20 us at O = 10240): 16 ms per beam step.
+        y += bias
+    return y.reshape(*x.shape[:-1], O)  # (..., O)
 
 
 class Linear(nn.Linear):

@@ -164,3 +164,24 @@ def test_opt_linear_equals_f_linear(rows, out_features, dtype, intel, monkeypatc
             torch.testing.assert_close(y.float(), torch.nn.functional.linear(inputs.float(), weight.float(),
                                                                              None if b is None else b.float()),
                                        **tol)
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3], [2, 2, 0, 1], [3, 2, 1, 0], [1, 1, 1, 1], [0, 0, 2, 3]])
+def test_kv_cache_reorder_equals_index_select(index):
+    """Beam search's cache reorder copies only the rows that continue another row (in place, rows may swap):
+    the result must be every layer's keys/values index_select-ed, and later appends must still land right."""
+    from blip2_mini.attention import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    cache, expected = KVCache(), []
+    for layer in range(2):
+        k, v = torch.randn(4, 3, 5, 8, generator=g), torch.randn(4, 3, 5, 8, generator=g)
+        cache.update(layer, k, v)
+        expected.append((k, v))
+    index = torch.tensor(index)
+    cache.reorder(index)
+    new = torch.randn(4, 3, 1, 8, generator=g)
+    for layer, (k, v) in enumerate(expected):
+        keys, values = cache.update(layer, new, -new)
+        torch.testing.assert_close(keys, torch.cat([k.index_select(0, index), new], dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(values, torch.cat([v.index_select(0, index), -new], dim=2), rtol=0, atol=0)
