@@ -295,6 +295,11 @@ def test_t5_head_stored_separately_or_tied(tmp_path):
     encoded = torch.randn(1, 3, lm.shared.embedding_dim)
     with torch.no_grad():  # the head really is the stored one: logits = decoder output @ head^T
         assert not torch.allclose(untied.decode(tokens, encoded), lm.decode(tokens, encoded))
+    if "fbgemm" in torch.backends.quantized.supported_engines:  # quantized while loading: the stored head
+        from blip2_mini.quantize import Fp16Linear                 # is the one kept in fp16
+        packed = load_model(directory, quantize="int8", progress=False).language_model.lm_head
+        x = torch.randn(2, head.shape[1])
+        assert isinstance(packed, Fp16Linear) and torch.equal(packed(x), Fp16Linear(head)(x))
 
 
 @pytest.mark.parametrize("mode, activations", [("int8", "float"), ("int8-dynamic", "int8")])
