@@ -41,8 +41,8 @@ def _cpu_vendor() -> str:
 INTEL = _cpu_vendor() == "GenuineIntel"  # MKL, Intel's BLAS, takes its fastest paths on Intel CPUs only
 
 
-def blocks_for_few_rows(rows: int, dtype: torch.dtype) -> int:
-    """Into how many blocks of rows `linear` cuts W for an input of `rows` <= 8 rows (1: plain F.linear).
+def row_blocks(rows: int, dtype: torch.dtype) -> int:
+    """Into how many blocks of rows `linear` cuts W for an input of `rows` rows (1: plain F.linear).
 
     Decoding multiplies one row (greedy) or one row per beam (2-8) by every weight matrix: memory-bound work,
     fast only if both cores stream the weights. Whether the CPU's kernels do that depends on the kernel and
@@ -54,25 +54,29 @@ def blocks_for_few_rows(rows: int, dtype: torch.dtype) -> int:
     - fp32, 2-8 rows: x @ W^T takes a slow path on both (Intel, 5 rows: 10.3 ms, as 4 blocks 8.4 ms; an AVX2
       EPYC, 1 thread: 5 rows cost 5-6x one row, as blocks 2.5-3x).
     - bf16 (oneDNN) on the Intel Xeon: 2 blocks reach the bandwidth (1 row 4.19 -> 2.75 ms, 5 rows 3.60 ->
-      2.74 ms); 4 blocks of one row were slower in every run (3.1-8.9 ms). On the AMD EPYC plain F.linear was measured
-      (35-38 GB/s) and is kept.
+      2.74 ms); 4 blocks of one row were slower in every run (3.1-8.9 ms). They also win for prompts up to
+      ~64 rows (per OPT layer, best of 6: 9 rows 8.2 -> 7.4 ms, 33 rows (BLIP-2's prefill) 11.9 -> 9.6 ms,
+      48 rows 11.9 -> 10.7 ms; 96 rows 15.0 -> 16.1 ms). On the AMD EPYC plain F.linear was measured (35-38
+      GB/s) and is kept.
     """
+    if dtype == torch.bfloat16 and INTEL:
+        return 2 if rows <= 64 else 1
+    if rows > 8:
+        return 1
     if dtype == torch.float32:
         return 1 if rows == 1 and INTEL else 4
-    if dtype == torch.bfloat16 and INTEL:
-        return 2
     return 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (y = x W^T + b) for OPT's layers and head; when x has a few rows (decoding), computed as k blocks
     of rows of W multiplied in parallel, as one batched product (torch.bmm) of (W_j @ x^T), so that both cores
-    stream the weights (k from blocks_for_few_rows above). Many rows (prompt, prefill) keep F.linear. Same
+    stream the weights (k from row_blocks above). Many rows (prompt, prefill) mostly keep F.linear. Same
     numbers up to the order of the float sums.
     """
     rows = x.numel() // x.shape[-1]
     O, I = weight.shape
-    k = blocks_for_few_rows(rows, x.dtype) if rows <= 8 and x.device.type == "cpu" else 1
+    k = row_blocks(rows, x.dtype) if x.device.type == "cpu" else 1
     if k == 1 or O % k:
         return F.linear(x, weight, bias)
     # x2 row-major, so that x2.T is a transposed view: MKL is ~4x slower again if the (I, r) operand is a

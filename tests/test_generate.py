@@ -144,7 +144,7 @@ def test_prefill_scores_only_the_last_position():
 @pytest.mark.parametrize("intel", [True, False])  # the block counts chosen on either kind of CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_features", [48, 50])  # split in 2 or 4 blocks of rows, or not divisible by 4
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33, 65])
 def test_opt_linear_equals_f_linear(rows, out_features, dtype, intel, monkeypatch):
     """opt.linear computes a few rows (decoding) as blocks of (W @ x^T)^T for speed: the same numbers as F.linear
     up to float rounding, for every row count, with and without bias, from contiguous or transposed inputs."""
