@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from .config import Blip2Config, ConfigError
+from .cpu import cpu_multiplies_bf16_faster  # also importable from here (README)
 from .model import Blip2
 from .quantize import Int8Linear, linears_to_quantize, quantize_weight, replace_module, store_head_in_fp16
 
@@ -373,23 +374,6 @@ class _QuantizeWhileLoading:
             replace_module(model, module, int8.result() if isinstance(int8, Future) else int8)
         if self.pool is not None:  # (after a failed load, the pool's threads end when it is garbage-collected)
             self.pool.shutdown()
-
-
-def cpu_multiplies_bf16_faster(n: int = 512) -> bool:
-    """Whether this CPU multiplies bf16 matrices faster than fp32 ones: times one (n, n) @ (n, n) product in
-    each (best of 3, ~20 ms in all). CPUs with bf16 instructions (AVX512-BF16, AMX) do it several times faster
-    (measured on a 2-core AMD EPYC with AVX512-BF16: 970 vs 227 GFLOP/s); without them bf16 is emulated and
-    several times slower (an AVX2 EPYC: 21 vs 175 GFLOP/s). Asking the hardware beats a table of CPU flags."""
-    def best_seconds(dtype):
-        a = torch.randn(n, n).to(dtype)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ a
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best_seconds(torch.bfloat16) < best_seconds(torch.float32)
 
 
 def auto_dtype(device="cpu") -> tuple[torch.dtype, dict | None]:

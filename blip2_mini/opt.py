@@ -25,20 +25,9 @@ import torch.nn.functional as F
 
 from .attention import KVCache, attend, bias_from_allowed, merge_heads, split_heads
 from .config import OPTConfig
+from .cpu import INTEL  # the few-row kernels below are chosen per CPU vendor
 
 POSITION_OFFSET = 2
-
-
-def _cpu_vendor() -> str:
-    """"GenuineIntel", "AuthenticAMD", ... (Linux), or "" where /proc/cpuinfo is absent."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
-INTEL = _cpu_vendor() == "GenuineIntel"  # MKL, Intel's BLAS, takes its fastest paths on Intel CPUs only
 
 
 def row_blocks(rows: int, dtype: torch.dtype) -> int:

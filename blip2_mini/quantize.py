@@ -36,10 +36,12 @@ so the int8 matrix is multiplied as it is and the scale is one multiply per outp
     bandwidth floor where fbgemm's kernel (below) runs at ~1.4x. On an Intel Xeon with AMX, whose memory
     delivers ~20 GB/s to 2 threads, the same holds: one row 2.8 ms (9.4 GB/s) against fbgemm's 1.4 ms
     (18.4 GB/s) per 10240 x 2560 matrix (benchmarks/RESULTS.md).
-  * elsewhere (a GPU; widths that are not multiples of 32), `q` is converted to floats in blocks of rows
-    small enough to stay in the CPU cache, and each block goes through the ordinary float matmul. Exact apart
-    from the rounding of the weights, but barely faster than fp32: the int8 -> fp32 conversion runs at
-    ~6 G weights/s per core (AVX2 EPYC), about the rate at which fp32 weights stream from RAM.
+  * elsewhere (a GPU; widths that are not multiples of 32; prompts on Intel CPUs), `q` is converted to floats
+    in blocks of rows small enough to stay in the CPU cache, and each block goes through the ordinary float
+    matmul. In fp32 it is exact apart from the rounding of the weights, but barely faster than fp32: the
+    int8 -> fp32 conversion runs at ~6 G weights/s per core (AVX2 EPYC), about the rate at which fp32
+    weights stream from RAM. On CPUs that multiply bf16 faster than fp32 the blocks are bf16, with the int8 x
+    bf16 kernel's precision (`block_kernel_dtype`): a prompt's products run 2x faster there.
 - activations="int8" (x is quantized too): PyTorch's fbgemm kernel `quantized::linear_dynamic` also rounds each
   call's input x to 8 bits (one scale and zero point for the whole input, computed on the fly), then runs an
   integer matmul reading the int8 weights directly. Much faster on x86 CPUs, a little less accurate. We ask for
@@ -99,12 +101,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .opt import INTEL
+from .cpu import INTEL, cpu_multiplies_bf16_faster
 
 INT8_MAX = 127
-# Weight-only kernel: rows of q converted to float per block, sized to stay in the CPU cache (4 MiB of fp32:
-# within L3; measured fastest of 1-8 MiB at the OPT-2.7b shapes, on a busy machine).
+# Weight-only block kernel: rows of q converted to float per block, sized to stay in the CPU cache (fp32: 4 MiB,
+# within L3; measured fastest of 1-8 MiB at the OPT-2.7b shapes, on a busy machine; bf16: 8 MiB, measured faster
+# than 2 MiB on an Intel Xeon with AMX, per 10240 x 2560 matrix and 33 rows 5.3-7.3 vs 7.7-11.3 ms).
 BLOCK_ELEMENTS = 1 << 20
+BF16_BLOCK_ELEMENTS = 1 << 22
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +158,15 @@ def use_packed_int8_kernel(x: torch.Tensor, in_features: int) -> bool:
     if INTEL:
         return x.shape[0] <= 8
     return x.shape[0] <= 64 or torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def block_kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The float type in which the weight-only block kernel converts q and multiplies: bf16 on a CPU that
+    multiplies bf16 faster than fp32 (cpu.py), with the int8 x bf16 kernel's precision (q's integers are exact
+    in bf16, x is rounded to 8 significant bits); x's own dtype elsewhere, exact apart from the rounding of the
+    weights. bf16 makes a prompt's products 2x faster there (Intel Xeon with AMX, 33 rows, per 10240 x 2560
+    matrix: 11.3-16.8 -> 5.3-7.3 ms)."""
+    return torch.bfloat16 if x.device.type == "cpu" and cpu_multiplies_bf16_faster() else x.dtype
 
 
 class Int8Linear(nn.Module):
@@ -209,16 +222,17 @@ class Int8Linear(nn.Module):
         into the same scratch buffer, used while it is still in cache. Two things matter for speed: the fp32
         copy of the whole matrix never exists (RAM traffic stays ~1 byte per weight), and the buffer is
         allocated once per call: a fresh multi-MiB tensor per block is fresh pages from the kernel, whose
-        page faults made this kernel 2x slower than fp32 (measured)."""
-        rows = max(1, BLOCK_ELEMENTS // self.in_features)
-        x = x.contiguous()  # so that x.T below is a transposed view, the layout MKL multiplies fastest
-        block = torch.empty(min(rows, self.out_features), self.in_features, dtype=x.dtype, device=x.device)
-        y_t = torch.empty(self.out_features, x.shape[0], dtype=x.dtype, device=x.device)  # (O, B): y transposed
+        page faults made this kernel 2x slower than fp32 (measured). The float type: block_kernel_dtype."""
+        dtype = block_kernel_dtype(x)
+        rows = max(1, (BF16_BLOCK_ELEMENTS if dtype == torch.bfloat16 else BLOCK_ELEMENTS) // self.in_features)
+        x = x.to(dtype).contiguous()  # so that x.T below is a transposed view, the layout MKL multiplies fastest
+        block = torch.empty(min(rows, self.out_features), self.in_features, dtype=dtype, device=x.device)
+        y_t = torch.empty(self.out_features, x.shape[0], dtype=dtype, device=x.device)  # (O, B): y transposed
         for start in range(0, self.out_features, rows):
             r = min(rows, self.out_features - start)
-            block[:r].copy_(self.weight_int8[start:start + r])  # int8 -> fp32, still unscaled: (r, I)
+            block[:r].copy_(self.weight_int8[start:start + r])  # int8 -> float, still unscaled: (r, I)
             torch.mm(block[:r], x.T, out=y_t[start:start + r])  # (r, I) @ (I, B) -> (r, B), rows of y_t
-        return y_t.T * self.scale  # (B, O); the per-output-channel scale, factored out of the sum over I
+        return y_t.T.float() * self.scale  # (B, O); the per-output-channel scale, factored out of the sum over I
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}"

@@ -56,8 +56,10 @@ def test_quantize_weight_rounds_each_row_to_its_own_scale():
 
 @pytest.mark.parametrize("activations", MODES)
 def test_int8_linear_computes_scaled_integer_matmul(activations, monkeypatch):
-    """y = (x @ q^T) * s + b: exact for weight-only (several cache blocks), within 8-bit input rounding else."""
+    """y = (x @ q^T) * s + b: exact for weight-only (several cache blocks, in fp32), within 8-bit input rounding
+    else."""
     monkeypatch.setattr("blip2_mini.quantize.BLOCK_ELEMENTS", 40 * 16)  # 16 rows per block -> 3 blocks + rest
+    monkeypatch.setattr("blip2_mini.quantize.block_kernel_dtype", lambda x: x.dtype)  # the exact fp32 blocks
     g = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(40, 53)
     with torch.no_grad():
@@ -91,6 +93,29 @@ def test_packed_int8_kernel_computes_the_same_matmul_through_bf16():
     assert 1e-4 < error < 0.01  # rounded through bf16 (so not the block kernel's exact fp32), and only that
 
 
+def test_bf16_block_kernel_computes_the_same_matmul_through_bf16(monkeypatch):
+    """Where the CPU multiplies bf16 faster, the block kernel converts q to bf16 blocks and rounds x to bf16: the
+    same y = (x @ q^T) * s + b with the int8 x bf16 kernel's precision (relative error ~0.3 %); elsewhere fp32."""
+    from blip2_mini import quantize
+    monkeypatch.setattr(quantize, "BF16_BLOCK_ELEMENTS", 96 * 16)  # 16 rows per block -> 3 blocks + rest
+    monkeypatch.setattr(quantize, "use_packed_int8_kernel", lambda x, in_features: False)
+    g = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(96, 50)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(50, 96, generator=g) / 96 ** 0.5)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(40, 96, generator=g)
+    q, scale = quantize_weight(linear.weight)
+    expected = x @ dequantize_weight(q, scale).T + linear.bias.detach()  # (40, 50)
+    monkeypatch.setattr(quantize, "cpu_multiplies_bf16_faster", lambda: True)
+    assert quantize.block_kernel_dtype(x) == torch.bfloat16
+    error = ((layer(x) - expected).norm() / expected.norm()).item()
+    assert 1e-4 < error < 0.01  # rounded through bf16 (so not the exact fp32 blocks), and only that
+    monkeypatch.setattr(quantize, "cpu_multiplies_bf16_faster", lambda: False)
+    assert quantize.block_kernel_dtype(x) == torch.float32
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("quantize_head", [False, True])
 @pytest.mark.parametrize("activations", MODES)
 def test_int8_logits_within_tolerance_of_fp32(activations, quantize_head):
@@ -112,6 +137,7 @@ def test_int8_flan_t5_computes_with_the_rounded_weights(monkeypatch):
     replaced by their int8 roundings s * q (and whose head is stored in fp16, the default). (Against fp32 itself
     this random fixture is no test: it is chaotic, and even bf16 activations alone move its logits by 13 %.)"""
     monkeypatch.setattr("blip2_mini.quantize.use_packed_int8_kernel", lambda x, in_features: False)
+    monkeypatch.setattr("blip2_mini.quantize.block_kernel_dtype", lambda x: x.dtype)  # fp32 blocks
     t5 = FIXTURE.parent / "t5-base"
     stored = load_file(t5 / "reference.safetensors")
     inputs = {k[len("input."):]: v for k, v in stored.items() if k.startswith("input.")}
