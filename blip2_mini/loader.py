@@ -340,7 +340,7 @@ class _QuantizeWhileLoading:
     core: two thirds of the loading time (per 10240 x 2560 matrix ~200 ms, against ~60 ms to round it). It
     runs in a pool of threads (PyTorch releases Python's lock inside it), one per core, while this thread
     reads and rounds the next weights: measured on 8 such matrices, 2 cores, 2.75 s -> 1.56 s; loading
-    blip2-opt-2.7b's shape with quantize="int8-dynamic", 27.7-28.3 s -> 21.5-25.9 s, peak RSS 4.15-4.28 ->
+    blip2-opt-2.7b's shape with quantize="int8-dynamic", 27.7-28.3 s -> 21.7-25.9 s, peak RSS 4.15-4.28 ->
     3.86-3.87 GB."""
 
     def __init__(self, model: Blip2, mode: str):
