@@ -12,10 +12,10 @@ What it does, in one run:
    `quarter` keeps every width and cuts the depths to a quarter (ViT 10, Q-Former 3, OPT 8); `tiny` is for
    checking that the script runs.
 2. Measures the machine: fp32 (and bf16) matmul peak in GFLOP/s, memory bandwidth in GB/s (a large copy,
-   counting bytes read + written, and a large sum, bytes read). Floors: vision encode = FLOPs / matmul peak;
-   decode per token = bytes of language-model weights / copy bandwidth. Both are measured again in each
-   variant's process, the peak right before its vision encoder, the bandwidth right after its decoding: on a
-   shared machine they drift by 2-3x within minutes.
+   counting bytes read + written; reading: the faster of a large sum and a large matrix-vector product).
+   Floors: vision encode = FLOPs / matmul peak; decode per token = bytes of language-model weights / read
+   bandwidth. Both are measured again in each variant's process, the peak before and between its vision
+   runs, the bandwidth right after its decoding: on a shared machine they drift by 2-3x within minutes.
 3. Measures each variant in its own subprocess, one after the other, ours and the reference alternately,
    same threads, same inputs (one 224 px image, seed 0), same dtype: load (wall time, peak RSS), vision
    encode, Q-Former, prefill (the 32 query slots + BOS), decode per token (greedy, 20 new tokens), beam search
@@ -171,9 +171,10 @@ def build_checkpoint(shape: str) -> Path:
 # ---- 2. the machine --------------------------------------------------------------------------------------
 
 
-def best_time(fn, repeats: int, sync=lambda: None, warmup=True, min_seconds=0.0) -> float:
+def best_time(fn, repeats: int, sync=lambda: None, warmup=True, min_seconds=0.0, between=None) -> float:
     """The fastest of `repeats` runs after one warm-up (the least disturbed by other processes); with
-    `min_seconds`, runs go on until that much time has passed (at most 100 runs)."""
+    `min_seconds`, runs go on until that much time has passed (at most 100 runs). `between`, if given, is
+    called after each run, untimed."""
     if warmup:
         fn()
         sync()
@@ -184,19 +185,20 @@ def best_time(fn, repeats: int, sync=lambda: None, warmup=True, min_seconds=0.0)
         fn()
         sync()
         times.append(time.perf_counter() - start)
+        if between is not None:
+            between()
     return min(times)
 
 
-def matmul_peak(device: str, dtype: torch.dtype) -> float:
+def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
     """GFLOP/s of the fastest matrix product the machine gives in `dtype`, the vision floor's denominator: the
     best of a square product and the ViT-g's own products (257 tokens x 1408 -> 4224 qkv, -> 6144 fc1, and
     6144 -> 1408 fc2) through F.linear, the path nn.Linear takes (oneDNN, which can beat torch.mm's BLAS, e.g.
     MKL on AMD CPUs), 10 runs each. A floor must be a bound: measured on one square shape only, the peak came
-    out below what the ViT itself reached (107 vs 151 GFLOP/s, an Intel Xeon)."""
+    out below what the ViT itself reached (107 vs 151 GFLOP/s, an Intel Xeon). `repeats` runs of each shape."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n = 4096 if device == "cuda" else 2048
     shapes = [(n, n, n), (257, 1408, 3 * 1408), (257, 1408, 6144), (257, 6144, 1408)]  # (rows, in, out)
-    repeats = 10
     if dtype == torch.bfloat16 and device == "cpu":  # without native bf16 it is emulated, up to 100x slower:
         a = torch.randn(512, 512).bfloat16()  # then one small product says so, and 2 runs of each are enough
         if 2 * 512 ** 3 / best_time(lambda: a @ a, 2, sync) / 1e9 < 100:
@@ -215,14 +217,19 @@ def measure_machine(device: str) -> dict:
 
 
 def memory_bandwidth(device: str) -> dict:
-    """Copy (read + write) and read bandwidth in GB/s, on 1 GiB: far beyond any cache."""
+    """Copy (read + write) and read bandwidth in GB/s, on 1 GiB: far beyond any cache. Read: the faster of a
+    sum and a matrix-vector product (what decoding does) over it; with the sum alone, fp32 decoding read its
+    11 GB of weights faster than the measured bandwidth (29 vs 21.6 GB/s, an Intel Xeon), a floor that was no
+    bound."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     big = torch.empty(2 ** 28, device=device)  # 1 GiB of fp32
     big.normal_()
     dst = torch.empty_like(big)
     copy = 2 * big.numel() * 4 / best_time(lambda: dst.copy_(big), 5, sync) / 1e9  # read + write
-    read = big.numel() * 4 / best_time(lambda: big.sum(), 5, sync) / 1e9
-    return {"copy_gbs": copy, "read_gbs": read}
+    read_sum = big.numel() * 4 / best_time(lambda: big.sum(), 5, sync) / 1e9
+    matrix, vector = big.view(2 ** 14, 2 ** 14), torch.randn(2 ** 14, device=device)
+    read_mv = big.numel() * 4 / best_time(lambda: matrix @ vector, 5, sync) / 1e9
+    return {"copy_gbs": copy, "read_gbs": max(read_sum, read_mv)}
 
 
 def vision_flops(shape: str) -> float:
@@ -338,16 +345,22 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     # 1148 ms in separate processes; 1184-1614 vs 1208-1917 ms alternating in one process).
     timed = lambda fn: best_time(fn, max(repeats, 5), sync, min_seconds=stage_seconds)  # noqa: E731
 
-    # The matmul peak of the dtype the vision encoder computes in, measured again in this process right
-    # before it runs: on a shared machine it moves between runs (one day on an Intel Xeon with AMX: fp32
-    # 185-300, bf16 624-2138 GFLOP/s), and a vision time is best compared with what the machine gave then.
-    r["peak_gflops"] = matmul_peak(device, torch.bfloat16 if variant in BF16_VISION else torch.float32)
+    # The matmul peak of the dtype the vision encoder computes in, measured again in this process, before it
+    # and between its runs (the best of all): on a shared machine it moves between runs (one day on an Intel
+    # Xeon with AMX: fp32 185-300, bf16 624-2138 GFLOP/s), and a vision time is best compared with what the
+    # machine gave then. Measured before it only, the peak missed fast phases that the vision runs met
+    # (the fp32 ViT came out at 0.84x of its "floor").
+    peak_dtype = torch.bfloat16 if variant in BF16_VISION else torch.float32
+    peaks = [matmul_peak(device, peak_dtype)]
+    sample_peak = lambda: peaks.append(matmul_peak(device, peak_dtype, repeats=1))  # noqa: E731
+    timed_vision = lambda fn: best_time(fn, max(repeats, 5), sync, min_seconds=stage_seconds,  # noqa: E731
+                                        between=sample_peak)
 
     with torch.no_grad():
         pv = pixel_values.to(vision_dtype)
         if impl == "ours":
             image = model.encode_image(pv)
-            r["vision_s"] = timed(lambda: model.encode_image(pv))
+            r["vision_s"] = timed_vision(lambda: model.encode_image(pv))
             queries = model.query(image)
             r["qformer_s"] = timed(lambda: model.query(image))
             embeds, mask = model.language_model_inputs(model.project(queries))
@@ -367,7 +380,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
             logits = lm(embeds, mask)[0]  # (L, V): saved to compare the int8 variants with fp32
         else:
             image = model.vision_model(pixel_values=pv).last_hidden_state
-            r["vision_s"] = timed(lambda: model.vision_model(pixel_values=pv))
+            r["vision_s"] = timed_vision(lambda: model.vision_model(pixel_values=pv))
             query_tokens = model.query_tokens.expand(1, -1, -1)
             q = lambda: model.qformer(query_embeds=query_tokens, encoder_hidden_states=image)  # noqa: E731
             r["qformer_s"] = timed(q)
@@ -404,13 +417,14 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
             r[f"caption_{label}_s"] = gen_timed(lambda: tokens.__setitem__(label, caption(beams)[0].tolist()))
             r[f"{label}_tokens"] = tokens[label]
         r["first_token_s"] = r["vision_s"] + r["qformer_s"] + r["prefill_s"]
+    r["peak_gflops"] = max(peaks)
     torch.save(logits.float().cpu(), out.with_suffix(".logits.pt"))
     r["run_peak_gb"] = rss_peak_gb()
     r["pipeline_peak_gb"] = max(r["run_peak_gb"], r["load_peak_gb"])
     # The bandwidth again, in this process right after its decoding (the peak RSS is already taken): on a
     # shared machine it moves between runs (46 to 80 GB/s in one day here), and a decode time is best compared
     # with the bandwidth the machine gave at the time it was measured.
-    r.update(memory_bandwidth(device))  # copy_gbs (the decode floor's) and read_gbs
+    r.update(memory_bandwidth(device))  # copy_gbs and read_gbs (the decode floor's)
     out.write_text(json.dumps(r, indent=2))
 
 
@@ -485,10 +499,10 @@ def write_report(args, machine, runs, path):
     floors = {}
     for v in ours:
         vdt = "bf16" if v in BF16_VISION else "fp32"  # lowmem stores bf16 but computes fp32
-        copy_gbs = ours[v].get("copy_gbs", machine["copy_gbs"])  # a run kept from before workers measured it
+        read_gbs = ours[v].get("read_gbs", machine["read_gbs"])  # a run kept from before workers measured it
         peak_gflops = ours[v].get("peak_gflops", peak[vdt])  # a run kept from before workers measured it
         floors[v] = {"vision_s": vflops / peak_gflops / 1e9,
-                     "greedy_step_s": lm_weight_bytes(args.shape, v) / copy_gbs / 1e9}
+                     "greedy_step_s": lm_weight_bytes(args.shape, v) / read_gbs / 1e9}
     rounds = (f" and of {args.rounds} rounds (the whole sequence of processes run {args.rounds} times: the "
               "machine's speed drifts over minutes)") if args.rounds > 1 else ""
     starts = [r["started"] for r in runs if "started" in r]
@@ -511,14 +525,15 @@ def write_report(args, machine, runs, path):
                   f"on {os.cpu_count()} cores, {args.threads} of them ours): other processes competed for the "
                   "cores, so times are inflated unevenly and ratios are unreliable.**", ""]
     lines += ["## The machine (measured in this run)", "",
-              "| fp32 matmul | bf16 matmul | copy bandwidth (read + write) | read bandwidth |", "|---|---|---|---|",
+              "| fp32 matmul | bf16 matmul | copy bandwidth (read + write) | read bandwidth (sum or matrix x vector) |",
+              "|---|---|---|---|",
               f"| {machine['matmul_fp32_gflops']:.0f} GFLOP/s | {machine['matmul_bf16_gflops']:.0f} GFLOP/s | "
               f"{machine['copy_gbs']:.1f} GB/s | {machine['read_gbs']:.1f} GB/s |", "",
               f"Floors: vision encode = {vflops / 1e9:.0f} GFLOP / matmul peak of the dtype it computes in, the "
-              "one measured in the variant's own process right before it; decode per token = language-model "
-              "weight bytes (layers + tied head) / copy bandwidth, the one measured in the variant's own process "
-              "right after its decoding (both in the last table; the figures above when absent). With several "
-              "rounds, the highest of each (the strictest floor).", ""]
+              "best one measured in the variant's own process before and between its vision runs; decode per "
+              "token = language-model weight bytes (layers + tied head) / read bandwidth, the one measured in the "
+              "variant's own process right after its decoding (both in the last table; the figures above when "
+              "absent). With several rounds, the highest of each (the strictest floor).", ""]
 
     def ratio(a, b):
         return None if a is None or b is None or b == 0 else a / b
@@ -564,14 +579,14 @@ def write_report(args, machine, runs, path):
 
     lines += ["## Targets (issue 8, and issue 3's load benchmark)", "", "| target | figure | met? |", "|---|---|---|"]
     lines += _targets(ours, ref, floors, accuracy)
-    lines += ["", "## Runs", "", "| impl | variant | measured | load average at start | matmul peak before vision "
-              "| copy bandwidth after decoding | greedy caption tokens |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| impl | variant | measured | load average at start | matmul peak around vision "
+              "| read bandwidth after decoding | greedy caption tokens |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         when = r.get("started", "?") + (" (kept from an earlier run)" if r.get("kept") else "")
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['variant']} | {when} | - | - | - | FAILED: {r['error']} |")
         else:
-            bandwidth = f"{r['copy_gbs']:.1f} GB/s" if "copy_gbs" in r else "-"
+            bandwidth = f"{r['read_gbs']:.1f} GB/s" if "read_gbs" in r else "-"
             peak_gflops = f"{r['peak_gflops']:.0f} GFLOP/s" if "peak_gflops" in r else "-"
             lines.append(f"| {r['impl']} | {r['variant']} | {when} | {r['loadavg']:.2f} | {peak_gflops} | {bandwidth} "
                          f"| {r['greedy_tokens'][:8]}... |")

@@ -374,6 +374,7 @@ class _QuantizeWhileLoading:
             replace_module(model, module, int8.result() if isinstance(int8, Future) else int8)
         if self.pool is not None:  # (after a failed load, the pool's threads end when it is garbage-collected)
             self.pool.shutdown()
+            _return_freed_memory()  # what the pool's threads freed after the last file's trim
 
 
 def auto_dtype(device="cpu") -> tuple[torch.dtype, dict | None]:
