@@ -76,19 +76,23 @@ def test_int8_linear_computes_scaled_integer_matmul(activations, monkeypatch):
         assert (y - expected).norm() / expected.norm() < 0.02
 
 
+def weight_only_layer_and_expected(seed: int, rows: int):
+    """A weight-only Int8Linear (96 -> 50), an input x (rows, 96) and the exact y = x (s q)^T + b."""
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(96, 50)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(50, 96, generator=g) / 96 ** 0.5)
+    x = torch.randn(rows, 96, generator=g)
+    q, scale = quantize_weight(linear.weight)
+    return Int8Linear.from_linear(linear), x, x @ dequantize_weight(q, scale).T + linear.bias.detach()
+
+
 @pytest.mark.skipif(not HAS_INT8PACK, reason="no int8 x bf16 kernel")
 def test_packed_int8_kernel_computes_the_same_matmul_through_bf16():
     """At widths that are multiples of 32, the CPU runs PyTorch's int8 x bf16 kernel: the same y = (x @ q^T) * s + b,
     with x, s and y rounded to bf16 (8 significant bits: relative error ~0.3 %); other widths use the block kernel."""
-    g = torch.Generator().manual_seed(2)
-    linear = torch.nn.Linear(96, 50)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(50, 96, generator=g) / 96 ** 0.5)
-    layer = Int8Linear.from_linear(linear)
-    x = torch.randn(3, 96, generator=g)
+    layer, x, expected = weight_only_layer_and_expected(seed=2, rows=3)
     assert use_packed_int8_kernel(x, 96) and not use_packed_int8_kernel(x, 77)
-    q, scale = quantize_weight(linear.weight)
-    expected = x @ dequantize_weight(q, scale).T + linear.bias.detach()  # (3, 50)
     error = ((layer(x) - expected).norm() / expected.norm()).item()
     assert 1e-4 < error < 0.01  # rounded through bf16 (so not the block kernel's exact fp32), and only that
 
@@ -99,14 +103,7 @@ def test_bf16_block_kernel_computes_the_same_matmul_through_bf16(monkeypatch):
     from blip2_mini import quantize
     monkeypatch.setattr(quantize, "BF16_BLOCK_ELEMENTS", 96 * 16)  # 16 rows per block -> 3 blocks + rest
     monkeypatch.setattr(quantize, "use_packed_int8_kernel", lambda x, in_features: False)
-    g = torch.Generator().manual_seed(3)
-    linear = torch.nn.Linear(96, 50)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(50, 96, generator=g) / 96 ** 0.5)
-    layer = Int8Linear.from_linear(linear)
-    x = torch.randn(40, 96, generator=g)
-    q, scale = quantize_weight(linear.weight)
-    expected = x @ dequantize_weight(q, scale).T + linear.bias.detach()  # (40, 50)
+    layer, x, expected = weight_only_layer_and_expected(seed=3, rows=40)
     monkeypatch.setattr(quantize, "cpu_multiplies_bf16_faster", lambda: True)
     assert quantize.block_kernel_dtype(x) == torch.bfloat16
     error = ((layer(x) - expected).norm() / expected.norm()).item()
