@@ -64,6 +64,7 @@ CACHE = ROOT / "benchmarks" / "cache"
 sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS, BEAMS = 20, 5
+STAGE_SECONDS = {"full": 15.0}  # vision, Q-Former, prefill: run for at least this long (other shapes: 5 runs)
 OURS_VARIANTS = {  # name -> (load dtype, dtype_policy, load_model's quantize, vision weights stored in bf16)
     "fp32": (torch.float32, None, None, False),
     "bf16": (torch.bfloat16, None, None, False),
@@ -194,8 +195,8 @@ def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
     """GFLOP/s of the fastest matrix product the machine gives in `dtype`, the vision floor's denominator: the
     best of a square product and the ViT-g's own products (257 tokens x 1408 -> 4224 qkv, -> 6144 fc1, and
     6144 -> 1408 fc2) through F.linear, the path nn.Linear takes (oneDNN, which can beat torch.mm's BLAS, e.g.
-    MKL on AMD CPUs), 10 runs each. A floor must be a bound: measured on one square shape only, the peak came
-    out below what the ViT itself reached (107 vs 151 GFLOP/s, an Intel Xeon). `repeats` runs of each shape."""
+    MKL on AMD CPUs), `repeats` runs each. A floor must be a bound: measured on one square shape only, the peak came
+    out below what the ViT itself reached (107 vs 151 GFLOP/s, an Intel Xeon)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n = 4096 if device == "cuda" else 2048
     shapes = [(n, n, n), (257, 1408, 3 * 1408), (257, 1408, 6144), (257, 6144, 1408)]  # (rows, in, out)
@@ -343,7 +344,8 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     # (the same bf16 ViT, one process, ours and the reference alternately: 505-1300 ms for both), and a worker
     # that met no fast phase in 5 runs came out 2x slower than the other implementation (bf16 vision: ours
     # 1148 ms in separate processes; 1184-1614 vs 1208-1917 ms alternating in one process).
-    timed = lambda fn: best_time(fn, max(repeats, 5), sync, min_seconds=stage_seconds)  # noqa: E731
+    timed = lambda fn, between=None: best_time(fn, max(repeats, 5), sync, min_seconds=stage_seconds,  # noqa: E731
+                                               between=between)
 
     # The matmul peak of the dtype the vision encoder computes in, measured again in this process, before it
     # and between its runs (the best of all): on a shared machine it moves between runs (one day on an Intel
@@ -353,14 +355,12 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     peak_dtype = torch.bfloat16 if variant in BF16_VISION else torch.float32
     peaks = [matmul_peak(device, peak_dtype)]
     sample_peak = lambda: peaks.append(matmul_peak(device, peak_dtype, repeats=1))  # noqa: E731
-    timed_vision = lambda fn: best_time(fn, max(repeats, 5), sync, min_seconds=stage_seconds,  # noqa: E731
-                                        between=sample_peak)
 
     with torch.no_grad():
         pv = pixel_values.to(vision_dtype)
         if impl == "ours":
             image = model.encode_image(pv)
-            r["vision_s"] = timed_vision(lambda: model.encode_image(pv))
+            r["vision_s"] = timed(lambda: model.encode_image(pv), between=sample_peak)
             queries = model.query(image)
             r["qformer_s"] = timed(lambda: model.query(image))
             embeds, mask = model.language_model_inputs(model.project(queries))
@@ -380,7 +380,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
             logits = lm(embeds, mask)[0]  # (L, V): saved to compare the int8 variants with fp32
         else:
             image = model.vision_model(pixel_values=pv).last_hidden_state
-            r["vision_s"] = timed_vision(lambda: model.vision_model(pixel_values=pv))
+            r["vision_s"] = timed(lambda: model.vision_model(pixel_values=pv), between=sample_peak)
             query_tokens = model.query_tokens.expand(1, -1, -1)
             q = lambda: model.qformer(query_embeds=query_tokens, encoder_hidden_states=image)  # noqa: E731
             r["qformer_s"] = timed(q)
@@ -516,7 +516,7 @@ def write_report(args, machine, runs, path):
               f"(32 queries), OPT {s['lm_layers']} x {s['lm']}, vocab {s['vocab']}; random weights, fp32 shards on disk.  ",
               "Each variant ran in its own process, one after the other (load average at its start in the last "
               f"table). Times are the best of the repeats{rounds} (vision, Q-Former and prefill: at least 5 runs"
-              f"{', and at least 15 s' if args.shape == 'full' else ''}); per-token = (t(20) - t(1)) / 19.", ""]
+              f"{f', and at least {STAGE_SECONDS[args.shape]:.0f} s' if args.shape in STAGE_SECONDS else ''}); per-token = (t(20) - t(1)) / 19.", ""]
     # The 1-minute load average at a worker's start still counts the previous worker's own threads (it decays
     # over minutes), so only a figure clearly above --threads means that other processes competed.
     busy = [r["loadavg"] for r in runs if "error" not in r and r["loadavg"] > args.threads + 0.5]
@@ -697,7 +697,7 @@ def main():
     if args.worker:
         worker(args.worker, variants[0], directory, args.device, args.threads, args.repeats,
                CACHE / "runs" / f"{args.shape}-{args.worker}-{variants[0]}.json",
-               stage_seconds=15.0 if args.shape == "full" else 0.0)
+               stage_seconds=STAGE_SECONDS.get(args.shape, 0.0))
         return
 
     torch.set_num_threads(args.threads)
