@@ -39,7 +39,8 @@ import torch.nn as nn
 from .config import Blip2Config, ConfigError
 from .cpu import cpu_multiplies_bf16_faster  # also importable from here (README)
 from .model import Blip2
-from .quantize import Int8Linear, linears_to_quantize, quantize_weight, replace_module, store_head_in_fp16
+from .quantize import (Int8Linear, linears_to_quantize, packs_for_fbgemm, quantize_weight, replace_module,
+                       store_head_in_fp16)
 
 
 class CheckpointError(ValueError):
@@ -336,8 +337,8 @@ class _QuantizeWhileLoading:
     so neither the float language model nor two copies of its int8 matrices (ours, and fbgemm's packed one)
     ever exist at once: peak memory stays at about the int8 model's size.
 
-    With int8 activations, building the module is fbgemm's repacking of q (linear_prepack), which runs on one
-    core: two thirds of the loading time (per 10240 x 2560 matrix ~200 ms, against ~60 ms to round it). It
+    On x86 CPUs building the module is fbgemm's repacking of q (linear_prepack), which runs on one core: two
+    thirds of the loading time (per 10240 x 2560 matrix ~200 ms, against ~60 ms to round it). It
     runs in a pool of threads (PyTorch releases Python's lock inside it), one per core, while this thread
     reads and rounds the next weights: measured on 8 such matrices, 2 cores, 2.75 s -> 1.56 s; loading
     blip2-opt-2.7b's shape with quantize="int8-dynamic", 27.7-28.3 s -> 21.7-25.9 s, peak RSS 4.15-4.28 ->
@@ -351,7 +352,7 @@ class _QuantizeWhileLoading:
         self.pending: dict[str, dict] = {}  # module name -> {"weight": (q, scales), "bias": tensor} read so far
         self.built: dict[str, Int8Linear | Future] = {}
         self.workers = torch.get_num_threads()
-        self.pool = ThreadPoolExecutor(self.workers) if self.activations == "int8" else None
+        self.pool = ThreadPoolExecutor(self.workers) if packs_for_fbgemm(torch.device("cpu")) else None
         self.in_flight: list[Future] = []  # submitted to the pool, oldest first
 
     def add(self, name: str, tensor: torch.Tensor):

@@ -20,25 +20,35 @@ The matmul: because s depends only on the output channel, it factors out of the 
 
     y[b, o] = sum_i x[b, i] * W[o, i] ~= s[o] * sum_i x[b, i] * q[o, i]      i.e.  y = (x @ q^T) * s + bias
 
-so the int8 matrix is multiplied as it is and the scale is one multiply per output. Three kernels compute it:
+so the int8 matrix is multiplied as it is and the scale is one multiply per output. The kernels:
 
-- activations="float" (the default, weight-only: x is not quantized). Two kernels, chosen per call
-  (`use_packed_int8_kernel`):
-  * on a CPU, PyTorch's int8 x bf16 kernel `_weight_int8pack_mm` (the one gpt-fast and torchao use): it reads
-    q as int8 and widens it to float in registers, so RAM traffic is 1 byte per weight and one generated token
-    costs ~1 byte x weights / bandwidth. Its inputs are bf16: x and s are rounded to bf16 and y comes back in
-    bf16 (8 significant bits: ~0.3 % relative error per matmul, against the weights' ~0.9 %; on the test
-    fixture the logits' error goes from 0.57 % to 0.60 %). Measured per OPT-2.7b layer, 2 threads, AMD EPYC
-    with AVX-512 (torch 2.13): one row (greedy) 2.3 ms, five rows (beam search) 4.4 ms, 33 rows (prefill)
-    17.9 ms, against fp32's 12.8 / 26.9 / 40.5 ms and the block kernel's 6.5 / 12.5 / 36.9 ms. Over all 32
-    layers one row reads the weights at ~33 GB/s: the kernel widens ~17 G weights/s per core, so two cores
-    stay below what memory delivers (47-74 GB/s measured), and weight-only decoding runs at 1.5-2.4x the
-    bandwidth floor where fbgemm's kernel (below) runs at ~1.4x. On an Intel Xeon with AMX, whose memory
-    delivers ~20 GB/s to 2 threads, the same holds: one row 2.8 ms (9.4 GB/s) against fbgemm's 1.4 ms
-    (18.4 GB/s) per 10240 x 2560 matrix (benchmarks/RESULTS.md).
-  * elsewhere (a GPU; widths that are not multiples of 32; prompts on Intel CPUs), `q` is converted to floats
-    in blocks of rows small enough to stay in the CPU cache, and each block goes through the ordinary float
-    matmul. In fp32 it is exact apart from the rounding of the weights, but barely faster than fp32: the
+- activations="float" (the default, weight-only: x is not rounded to 8 bits). Three kernels, one per machine:
+  * on an x86 CPU (PyTorch's fbgemm engine), x is written as *two int8 digits* and fbgemm's integer kernel
+    multiplies both at once (`two_digit_matmul`). Each row of x is scaled by m = max|x_row| so that
+    t = x * 63 / m lies in [-63, 63]; the first digit is d1 = round(t), the second rounds what is left,
+    d2 = round((t - d1) * 126), so that
+
+        x ~= (m / 63) * (d1 + d2 / 126)        (error <= m / 15876 per element: ~14 bits, bf16 keeps 8)
+
+    and, since the matmul is linear and d1 @ q^T, d2 @ q^T are exact integer sums,
+
+        x @ q^T ~= (m / 63) * (d1 @ q^T + (d2 @ q^T) / 126)
+
+    d1 and d2 go through fbgemm as two rows of one input, so the weights are read once for both: a generated
+    token costs ~1 byte x weights / bandwidth, like int8 activations below, with the accuracy of float ones.
+    Measured at OPT-2.7b's fc1 (10240 x 2560), 2 threads, Intel Xeon with AMX: one row 1.9 ms, against 2.8 ms
+    for PyTorch's int8 x bf16 kernel below and 1.4 ms for int8 activations; five rows (beams) 3.0-3.3 vs
+    5.6 ms; 33 rows (a prompt) 7.6-8.3 ms vs 27.9 ms (the bf16 block kernel below: 5.3-7.3 ms). Digits of
+    7 bits (not 8), for the reason given under "int8" below.
+  * on other CPUs, PyTorch's int8 x bf16 kernel `_weight_int8pack_mm` (the one gpt-fast and torchao use) for
+    few rows (`use_packed_int8_kernel`): it reads q as int8 and widens it to float in registers, so RAM
+    traffic is 1 byte per weight; x, s and y pass through bf16 (8 significant bits: ~0.3 % relative error per
+    matmul, against the weights' ~0.9 %). On an AMD EPYC with AVX-512 it read the weights at ~33 GB/s (one row
+    per OPT-2.7b layer 2.3 ms, five rows 4.4, 33 rows 17.9, against fp32's 12.8 / 26.9 / 40.5 ms); on the Intel
+    Xeon above it is compute-bound (~9 GB/s with 2 cores, memory gives ~20).
+  * elsewhere (a GPU; widths that are not multiples of 32; prompts on CPUs without fbgemm), `q` is converted to
+    floats in blocks of rows small enough to stay in the CPU cache, and each block goes through the ordinary
+    float matmul. In fp32 it is exact apart from the rounding of the weights, but barely faster than fp32: the
     int8 -> fp32 conversion runs at ~6 G weights/s per core (AVX2 EPYC), about the rate at which fp32
     weights stream from RAM. On CPUs that multiply bf16 faster than fp32 the blocks are bf16, with the int8 x
     bf16 kernel's precision (`block_kernel_dtype`): a prompt's products run 2x faster there.
@@ -73,7 +83,7 @@ benchmark's initialisation, 33 positions), relative error / max error in % of st
 so random full-size weights sit at or just over the relative tolerance.
 On the trained toy model (weights/blip2-shapes-tiny, benchmarks/int8_captions.py, 200 test scenes, 40 greedy
 tokens) the share of captions identical to fp32, for the current model (caption exact match 88.0 % on them):
-    head fp16 (the default):          weight-only 100 %,  int8 activations 99.5 %
+    head fp16 (the default):          weight-only 100 % (also with two_digit_matmul),  int8 activations 99.5 %
 for the two before it (exact match 91.5 % and 45 %): weight-only 99.5 and 99.5 %, int8 activations 99.5 and
 94.5 %; and for an earlier, weaker toy model (8 queries), whose greedy choices had many more near-ties:
     head int8 (quantize_head=True):   weight-only 89.0 %,  int8 activations 83.5 %
@@ -85,8 +95,9 @@ of per output channel: 89.5 % / 96.0 % (weight-only, simulated), no better than 
 scales stay per output channel.
 Int8 activations lose more because fbgemm rounds each call's whole input (B, I) with one scale, and that script
 captions 100 scenes per batch: one scale for 100 rows. Measured, not shipped: one scale per row (token) 94.0 %;
-rounding the rounding error too and running the kernel twice, x ~ Q(x) + Q(x - Q(x)) (~14-bit inputs), 96.0 %,
-at twice the time (per OPT-2.7b layer, one row: 11.9 vs 5.9 ms).
+rounding the rounding error too, x ~ Q(x) + Q(x - Q(x)) (~14-bit inputs), 96.0 %, at twice the time when the
+kernel ran twice (per OPT-2.7b layer, one row: 11.9 vs 5.9 ms). As two rows of one call, with a scale per row,
+that is the weight-only kernel on x86 CPUs (two_digit_matmul).
 
 Usage:
     model = blip2_mini.load_model(path, dtype=torch.float32)
@@ -140,6 +151,30 @@ def _fbgemm_available() -> bool:
 
 
 HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # looked up once, not on every matmul
+DIGIT_MAX = 63  # two_digit_matmul: digits in [-63, 63], stored by fbgemm as unsigned 1..127 around zero point 64
+
+
+def packs_for_fbgemm(device: torch.device) -> bool:
+    """Whether a weight-only Int8Linear with its weights on `device` keeps q in fbgemm's packed layout and
+    multiplies with two_digit_matmul: on x86 CPUs (where PyTorch has fbgemm). Elsewhere q stays a plain int8
+    tensor."""
+    return device.type == "cpu" and _fbgemm_available()
+
+
+def two_digit_matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    """(x @ q^T) * s for x (B, I) fp32 and fbgemm's packed q and s, with x written as two int8 digits per element
+    (module docstring): x ~= (m / 63) * (d1 + d2 / 126), m = max |x| of each row. fbgemm's kernel takes one
+    scale and zero point for its whole input, here 1 and 64: the digits are integers, which it stores exactly."""
+    B = x.shape[0]
+    # (B, 1): m / 63, one per row. clamp: an all-zero row gets zero digits with any step (and no 0 / 0)
+    step = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).div_(DIGIT_MAX)
+    t = x / step  # (B, I), in [-63, 63]
+    d1 = t.round()  # the first digit, an integer in [-63, 63]
+    d2 = (t - d1).mul_(2 * DIGIT_MAX).round_()  # what d1 left, |t - d1| <= 1/2, as an integer in [-63, 63]
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        torch.cat([d1, d2]), 1.0, DIGIT_MAX + 1, packed)  # (2B, O): d1 @ (s q)^T, then d2 @ (s q)^T
+    # (Written with few operations: each is a few microseconds for one row, ~190 matmuls per OPT-2.7b token.)
+    return torch.add(y[:B], y[B:], alpha=1 / (2 * DIGIT_MAX)).mul_(step)  # (B, O)
 
 
 def use_packed_int8_kernel(x: torch.Tensor, in_features: int) -> bool:
@@ -152,7 +187,8 @@ def use_packed_int8_kernel(x: torch.Tensor, in_features: int) -> bool:
     17.9 vs 36.9 ms); with AVX2 only it loses past ~64 rows (per layer, 128 rows: 122 vs 94 ms); on an Intel
     Xeon (AVX-512, AMX) it wins for 5 rows (5.4 vs 11.4 ms) and loses for 33 (29.4 vs 20.6 ms), so there it
     runs decoding (<= 8 rows: greedy, beams) and the block kernel runs prompts. Elsewhere (GPU, odd widths)
-    the block kernel below runs."""
+    the block kernel below runs. (Measured before two_digit_matmul replaced both on CPUs with fbgemm: it now
+    serves CPUs without it, e.g. ARM ones.)"""
     if x.device.type != "cpu" or in_features % 32 or not HAS_INT8PACK:
         return False
     if INTEL:
@@ -183,16 +219,17 @@ class Int8Linear(nn.Module):
         self.activations = activations
         self.register_buffer("scale", scale.float())  # (O,)
         self.register_buffer("bias", None if bias is None else bias.detach().float())  # (O,)
-        if activations == "float":
+        if activations == "float" and not packs_for_fbgemm(q.device):
             self.register_buffer("weight_int8", q)  # (O, I)
             self.packed = None
         else:
-            # fbgemm keeps its own packed (tiled) copy of q and applies s and the bias itself.
+            # fbgemm keeps its own packed (tiled) copy of q and applies s itself; the bias too with int8
+            # activations (two_digit_matmul adds its two rows, so there the bias is added after).
             zero_points = torch.zeros(q.shape[0], dtype=torch.long)
             with warnings.catch_warnings():  # PyTorch flags its quantized tensor types as deprecated
                 warnings.simplefilter("ignore", UserWarning)
                 qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
-            self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias if activations == "int8" else None)
             self.weight_int8 = None
 
     @classmethod
@@ -203,10 +240,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).float()  # (B, I)
-        if self.packed is not None:  # fbgemm applies s and the bias itself
+        if self.activations == "int8":  # fbgemm applies s and the bias itself
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # reduce_range=True: see the docstring
         else:
-            if use_packed_int8_kernel(x, self.in_features):
+            if self.packed is not None:
+                y = two_digit_matmul(x, self.packed)  # (B, O)
+            elif use_packed_int8_kernel(x, self.in_features):
                 # PyTorch's int8 x bf16 kernel (the one gpt-fast/torchao use): q is read as int8 and widened in
                 # registers, so RAM traffic is 1 byte per weight; x, s and y pass through bf16 (module docstring).
                 y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight_int8,
@@ -329,8 +368,9 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
     """Replace the language model's Linear layers by int8 ones, in place; return the model.
 
     `model` is a blip2_mini Blip2 (or its language model). activations="float" quantizes the weights only
-    (the matmul inputs stay float: fp32, or bf16 in the CPU's int8 x bf16 kernel); "int8" also quantizes them,
-    per call (faster on x86, see the module docstring).
+    (the matmul inputs are not rounded to 8 bits: x86 CPUs write them as two int8 digits, ~14 bits of each
+    row's range; other CPUs round them to bf16; GPUs keep fp32); "int8" rounds them to 8 bits, per call
+    (faster still on x86, see the module docstring).
     The output head (OPT: the tied embedding table) is stored in fp16 (store_head_in_fp16; fp32 without
     fbgemm) unless `quantize_head` makes it int8 too: it is one matrix (5 % of OPT-2.7b's weights) but its
     rounding errors land directly on the logits that pick each token (module docstring: measured captions).

@@ -56,8 +56,9 @@ def test_quantize_weight_rounds_each_row_to_its_own_scale():
 
 @pytest.mark.parametrize("activations", MODES)
 def test_int8_linear_computes_scaled_integer_matmul(activations, monkeypatch):
-    """y = (x @ q^T) * s + b: exact for weight-only (several cache blocks, in fp32), within 8-bit input rounding
-    else."""
+    """y = (x @ q^T) * s + b: exact for the weight-only block kernel (several cache blocks, in fp32), within 8-bit
+    input rounding with int8 activations."""
+    monkeypatch.setattr("blip2_mini.quantize.packs_for_fbgemm", lambda device: False)  # the block kernel, even on x86
     monkeypatch.setattr("blip2_mini.quantize.BLOCK_ELEMENTS", 40 * 16)  # 16 rows per block -> 3 blocks + rest
     monkeypatch.setattr("blip2_mini.quantize.block_kernel_dtype", lambda x: x.dtype)  # the exact fp32 blocks
     g = torch.Generator().manual_seed(1)
@@ -76,22 +77,45 @@ def test_int8_linear_computes_scaled_integer_matmul(activations, monkeypatch):
         assert (y - expected).norm() / expected.norm() < 0.02
 
 
-def weight_only_layer_and_expected(seed: int, rows: int):
-    """A weight-only Int8Linear (96 -> 50), an input x (rows, 96) and the exact y = x (s q)^T + b."""
+def weight_only_layer_and_expected(seed: int, rows: int, x: torch.Tensor | None = None):
+    """A weight-only Int8Linear (96 -> 50), an input x (rows, 96) (random unless given), the exact
+    y = x (s q)^T + b, and s q (50, 96)."""
     g = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(96, 50)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(50, 96, generator=g) / 96 ** 0.5)
-    x = torch.randn(rows, 96, generator=g)
-    q, scale = quantize_weight(linear.weight)
-    return Int8Linear.from_linear(linear), x, x @ dequantize_weight(q, scale).T + linear.bias.detach()
+    x = torch.randn(rows, 96, generator=g) if x is None else x
+    rounded = dequantize_weight(*quantize_weight(linear.weight))  # (50, 96)
+    return Int8Linear.from_linear(linear), x, x @ rounded.T + linear.bias.detach(), rounded
+
+
+@pytest.mark.skipif("int8" not in MODES, reason="fbgemm (x86) runs the two-digit kernel")
+def test_two_digit_kernel_rounds_only_x_and_to_14_bits():
+    """On x86 the weight-only layer multiplies x written as two int8 digits, x ~= (m / 63)(d1 + d2 / 126) with m
+    = max |x| per row: each element of x is off by at most m / 15876, so each output by at most that times the
+    sum of |s q| over its inputs (checked per element); rows of very different sizes and an all-zero row keep
+    their own scale. Rounding x to bf16 instead (8 significant bits, the other CPU kernel) errs 13x more here."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 96, generator=g) * torch.tensor([1.0, 1e-3, 1e3, 0.0, 1.0])[:, None]
+    x[4, 7] = 50.0  # one outlier feature: the rest of its row gets coarser digits, still within the bound
+    layer, x, expected, rounded = weight_only_layer_and_expected(seed=4, rows=5, x=x)
+    assert layer.packed is not None and layer.weight_int8 is None  # fbgemm's copy of q only
+    y = layer(x)
+    bound = x.abs().amax(dim=1, keepdim=True) / 15876 * rounded.abs().sum(dim=1)  # (5, 50)
+    assert bool(((y - expected).abs() <= bound * 1.01 + 1e-5 * expected.abs()).all())
+    assert torch.equal(y[3], layer.bias)  # x = 0: exactly the bias
+    relative = ((y - expected).norm() / expected.norm()).item()
+    bf16 = ((x.bfloat16().float() @ rounded.T + layer.bias - expected).norm() / expected.norm()).item()
+    assert 0 < relative < bf16 / 5
 
 
 @pytest.mark.skipif(not HAS_INT8PACK, reason="no int8 x bf16 kernel")
-def test_packed_int8_kernel_computes_the_same_matmul_through_bf16():
-    """At widths that are multiples of 32, the CPU runs PyTorch's int8 x bf16 kernel: the same y = (x @ q^T) * s + b,
-    with x, s and y rounded to bf16 (8 significant bits: relative error ~0.3 %); other widths use the block kernel."""
-    layer, x, expected = weight_only_layer_and_expected(seed=2, rows=3)
+def test_packed_int8_kernel_computes_the_same_matmul_through_bf16(monkeypatch):
+    """At widths that are multiples of 32, CPUs without fbgemm run PyTorch's int8 x bf16 kernel: the same
+    y = (x @ q^T) * s + b, with x, s and y rounded to bf16 (8 significant bits: relative error ~0.3 %); other
+    widths use the block kernel."""
+    monkeypatch.setattr("blip2_mini.quantize.packs_for_fbgemm", lambda device: False)  # as on a CPU without fbgemm
+    layer, x, expected, _ = weight_only_layer_and_expected(seed=2, rows=3)
     assert use_packed_int8_kernel(x, 96) and not use_packed_int8_kernel(x, 77)
     error = ((layer(x) - expected).norm() / expected.norm()).item()
     assert 1e-4 < error < 0.01  # rounded through bf16 (so not the block kernel's exact fp32), and only that
@@ -103,7 +127,8 @@ def test_bf16_block_kernel_computes_the_same_matmul_through_bf16(monkeypatch):
     from blip2_mini import quantize
     monkeypatch.setattr(quantize, "BF16_BLOCK_ELEMENTS", 96 * 16)  # 16 rows per block -> 3 blocks + rest
     monkeypatch.setattr(quantize, "use_packed_int8_kernel", lambda x, in_features: False)
-    layer, x, expected = weight_only_layer_and_expected(seed=3, rows=40)
+    monkeypatch.setattr(quantize, "packs_for_fbgemm", lambda device: False)
+    layer, x, expected, _ = weight_only_layer_and_expected(seed=3, rows=40)
     monkeypatch.setattr(quantize, "cpu_multiplies_bf16_faster", lambda: True)
     assert quantize.block_kernel_dtype(x) == torch.bfloat16
     error = ((layer(x) - expected).norm() / expected.norm()).item()
@@ -133,6 +158,7 @@ def test_int8_flan_t5_computes_with_the_rounded_weights(monkeypatch):
     with the exact block kernel, the int8 model's logits are those of the fp32 model whose Linear weights are
     replaced by their int8 roundings s * q (and whose head is stored in fp16, the default). (Against fp32 itself
     this random fixture is no test: it is chaotic, and even bf16 activations alone move its logits by 13 %.)"""
+    monkeypatch.setattr("blip2_mini.quantize.packs_for_fbgemm", lambda device: False)
     monkeypatch.setattr("blip2_mini.quantize.use_packed_int8_kernel", lambda x, in_features: False)
     monkeypatch.setattr("blip2_mini.quantize.block_kernel_dtype", lambda x: x.dtype)  # fp32 blocks
     t5 = FIXTURE.parent / "t5-base"
@@ -210,7 +236,10 @@ def test_head_is_fp16_unless_asked():
     assert got.shape == want.shape and 0 < (got - want).norm() / want.norm() < 1e-3
     lm = load("float", quantize_head=True).language_model
     assert isinstance(lm.embed_tokens, Int8Embedding) and isinstance(lm.lm_head, Int8Linear)
-    assert lm.lm_head.weight_int8 is lm.embed_tokens.weight_int8  # one int8 table serves both
+    # one int8 table (per-row scales) serves both: the lookup's, and fbgemm's packed copy of it for the head
+    packed = torch.ops.quantized.linear_unpack(lm.lm_head.packed)[0]
+    assert torch.equal(packed.int_repr(), lm.embed_tokens.weight_int8)
+    assert torch.equal(packed.q_per_channel_scales().float(), lm.embed_tokens.scale)
 
 
 def test_linears_to_quantize_leaves_the_head_out():
