@@ -38,8 +38,10 @@ so the int8 matrix is multiplied as it is and the scale is one multiply per outp
     token costs ~1 byte x weights / bandwidth, like int8 activations below, with the accuracy of float ones.
     Measured at OPT-2.7b's fc1 (10240 x 2560), 2 threads, Intel Xeon with AMX: one row 1.9 ms, against 2.8 ms
     for PyTorch's int8 x bf16 kernel below and 1.4 ms for int8 activations; five rows (beams) 3.0-3.3 vs
-    5.6 ms; 33 rows (a prompt) 7.6-8.3 ms vs 27.9 ms (the bf16 block kernel below: 5.3-7.3 ms). Digits of
-    7 bits (not 8), for the reason given under "int8" below.
+    5.6 ms; 33 rows (a prompt) 7.6-8.3 ms vs 27.9 ms (the bf16 block kernel below: 5.3-7.3 ms). The whole
+    language model, alternating with the kernels it replaced (int8 x bf16 for <= 8 rows, bf16 blocks for
+    prompts) in one process: per generated token 0.82x their time, per 5-beam step 0.67x, prompt 0.89x.
+    Digits of 7 bits (not 8), for the reason given under "int8" below.
   * on other CPUs, PyTorch's int8 x bf16 kernel `_weight_int8pack_mm` (the one gpt-fast and torchao use) for
     few rows (`use_packed_int8_kernel`): it reads q as int8 and widens it to float in registers, so RAM
     traffic is 1 byte per weight; x, s and y pass through bf16 (8 significant bits: ~0.3 % relative error per
@@ -240,6 +242,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).float()  # (B, I)
+        if self.packed is not None and x.device.type != "cpu":  # .to(device) does not move fbgemm's copy
+            raise RuntimeError(f"Int8Linear: these int8 weights are packed for the CPU (fbgemm) but the input is "
+                               f"on {x.device}; quantize the model after moving it there, or use bf16 on a GPU")
         if self.activations == "int8":  # fbgemm applies s and the bias itself
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # reduce_range=True: see the docstring
         else:

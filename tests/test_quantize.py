@@ -109,6 +109,16 @@ def test_two_digit_kernel_rounds_only_x_and_to_14_bits():
     assert 0 < relative < bf16 / 5
 
 
+@pytest.mark.skipif("int8" not in MODES, reason="fbgemm (x86) packs the weights")
+@pytest.mark.parametrize("activations", MODES)
+def test_packed_weights_refuse_inputs_on_another_device(activations):
+    """fbgemm's packed copy stays on the CPU when the model is moved: one clear error, not a crash inside fbgemm
+    (a "meta" tensor stands in for a GPU one)."""
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 32), activations)
+    with pytest.raises(RuntimeError, match="packed for the CPU .* quantize the model after moving it"):
+        layer(torch.zeros(1, 64, device="meta"))
+
+
 @pytest.mark.skipif(not HAS_INT8PACK, reason="no int8 x bf16 kernel")
 def test_packed_int8_kernel_computes_the_same_matmul_through_bf16(monkeypatch):
     """At widths that are multiples of 32, CPUs without fbgemm run PyTorch's int8 x bf16 kernel: the same
