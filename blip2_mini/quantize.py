@@ -80,8 +80,9 @@ benchmark's initialisation, 33 positions), relative error / max error in % of st
     4 of 32 layers:  weight-only 1.78 / 9.0 (head fp32), 1.97 / 10.4 (head int8);
                      int8 activations 4.29 / 21.0 (head fp32), 4.82 / 24.6 (head int8)
     32 layers, head int8 (an earlier benchmark run): weight-only 2.47 / 11.5, int8 activations 4.21 / 24.3
-    32 layers, head fp16 (benchmarks/RESULTS.md):  weight-only 2.34 / 12.1, int8 activations 3.70 / 22.7
-                                                   (weight-only through the int8 x bf16 kernel; 2.28 / 11.5 before)
+    32 layers, head fp16 (benchmarks/RESULTS.md):  weight-only 2.28 / 11.4, int8 activations 3.70 / 22.2
+                                                   (weight-only through the two-digit kernel: what the exact fp32
+                                                   block kernel gave, 2.28 / 11.5; the int8 x bf16 one 2.34 / 12.1)
 so random full-size weights sit at or just over the relative tolerance.
 On the trained toy model (weights/blip2-shapes-tiny, benchmarks/int8_captions.py, 200 test scenes, 40 greedy
 tokens) the share of captions identical to fp32, for the current model (caption exact match 88.0 % on them):

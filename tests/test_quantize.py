@@ -184,6 +184,12 @@ def test_int8_flan_t5_computes_with_the_rounded_weights(monkeypatch):
     # Equal up to the order of float sums (y = (x q^T) s, not x (s q)^T), which this fixture amplifies: measured
     # 7.5e-5 of the largest logit, while the rounding of the weights itself moves the logits by 14 %.
     assert (int8 - expected).abs().max() <= 1e-3 * expected.abs().max()
+    if "int8" in MODES:  # x86: the default kernel writes each input as two int8 digits (~14 bits of its range)
+        monkeypatch.undo()
+        with torch.no_grad():
+            digits = quantize_language_model(load_model(t5, progress=False))(**inputs)
+        # This fixture amplifies the inputs' rounding too: measured 3.2 % (bf16 inputs move it by ~13 %, above).
+        assert 0 < (digits - expected).norm() / expected.norm() < 0.06
 
 
 def greedy_path_with_margins(model, pixel_values, forced=None):
