@@ -65,9 +65,10 @@ token embedding table itself, opt.py: logits = x @ embed_tokens^T) is stored in 
 fbgemm's fp16 kernel; fp32 where fbgemm is missing): it is 5 % of OPT-2.7b's weights, but its errors go straight
 into the logits that choose each token, and on the trained toy model it alone decides whether captions survive
 (measured below). With quantize_head=True the table's rows, which are the head's output channels, get one int8
-table with per-row scales that serves both the input lookup and the output head. Everything else (LayerNorms,
-biases, position table) is small and stays in float, converted to fp32, so the language model computes in
-fp32 (its input is cast at the stage boundary, model.py).
+table with per-row scales that serves both the input lookup and the output head (on x86 the head's matmul
+reads fbgemm's packed copy of it). Everything else (LayerNorms, biases, position table) is small and stays in
+float, converted to fp32, so the language model computes in fp32 (its input is cast at the stage boundary,
+model.py).
 
 Accuracy. Logits vs fp32 (tests/test_quantize.py; benchmarks/): relative error ||l8 - l32|| / ||l32|| <= 2 %
 weight-only, <= 4 % with int8 activations. Where that comes from: a weight's rounding error is uniform in
@@ -396,7 +397,7 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
     if tied and quantize_head:
         q, scale = quantize_weight(lm.embed_tokens.weight)
         lm.embed_tokens = Int8Embedding(q, scale)
-        lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q when activations="float"
+        lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q unless fbgemm packs a copy (x86)
 
     for name, linear in linears_to_quantize(lm, quantize_head):
         replace_module(lm, name, Int8Linear.from_linear(linear, activations))
