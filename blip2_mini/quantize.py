@@ -165,6 +165,14 @@ def packs_for_fbgemm(device: torch.device) -> bool:
     return device.type == "cpu" and _fbgemm_available()
 
 
+def require_cpu_input(x: torch.Tensor, layer: str):
+    """fbgemm's packed weights (Int8Linear, Fp16Linear) stay on the CPU when the model is moved: .to(device)
+    does not see them. One clear error then, rather than a crash inside fbgemm."""
+    if x.device.type != "cpu":
+        raise RuntimeError(f"{layer}: these weights are packed for the CPU (fbgemm) but the input is on {x.device}; "
+                           "quantize the model after moving it there, or use bf16 on a GPU")
+
+
 def two_digit_matmul(x: torch.Tensor, packed) -> torch.Tensor:
     """(x @ q^T) * s for x (B, I) fp32 and fbgemm's packed q and s, with x written as two int8 digits per element
     (module docstring): x ~= (m / 63) * (d1 + d2 / 126), m = max |x| of each row. fbgemm's kernel takes one
@@ -244,9 +252,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).float()  # (B, I)
-        if self.packed is not None and x.device.type != "cpu":  # .to(device) does not move fbgemm's copy
-            raise RuntimeError(f"Int8Linear: these int8 weights are packed for the CPU (fbgemm) but the input is "
-                               f"on {x.device}; quantize the model after moving it there, or use bf16 on a GPU")
+        if self.packed is not None:
+            require_cpu_input(x, "Int8Linear")
         if self.activations == "int8":  # fbgemm applies s and the bias itself
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # reduce_range=True: see the docstring
         else:
@@ -330,6 +337,7 @@ class Fp16Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), b)  # fbgemm's own layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_cpu_input(x, "Fp16Linear")
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
         return y.reshape(*shape[:-1], self.out_features)  # (..., O)

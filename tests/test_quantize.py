@@ -113,10 +113,11 @@ def test_two_digit_kernel_rounds_only_x_and_to_14_bits():
 @pytest.mark.parametrize("activations", MODES)
 def test_packed_weights_refuse_inputs_on_another_device(activations):
     """fbgemm's packed copy stays on the CPU when the model is moved: one clear error, not a crash inside fbgemm
-    (a "meta" tensor stands in for a GPU one)."""
-    layer = Int8Linear.from_linear(torch.nn.Linear(64, 32), activations)
-    with pytest.raises(RuntimeError, match="packed for the CPU .* quantize the model after moving it"):
-        layer(torch.zeros(1, 64, device="meta"))
+    (a "meta" tensor stands in for a GPU one), for the int8 layers and for the fp16 head."""
+    from blip2_mini.quantize import Fp16Linear
+    for layer in (Int8Linear.from_linear(torch.nn.Linear(64, 32), activations), Fp16Linear(torch.randn(32, 64))):
+        with pytest.raises(RuntimeError, match="packed for the CPU .* quantize the model after moving it"):
+            layer(torch.zeros(1, 64, device="meta"))
 
 
 @pytest.mark.skipif(not HAS_INT8PACK, reason="no int8 x bf16 kernel")
