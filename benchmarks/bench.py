@@ -404,17 +404,29 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
 
             logits = lm(inputs_embeds=embeds, attention_mask=mask).logits[0]
 
-        # Generation runs are long: the stages above warmed everything up, so no warm-up run here; two runs
-        # each (one was too few on a machine whose speed flips between phases: a caption is 5-30 s).
-        gen_repeats = 2
-        gen_timed = lambda fn: best_time(fn, gen_repeats, sync, warmup=False)  # noqa: E731
-        for label, beams in (("greedy", 1), ("beam", BEAMS)):
-            one = gen_timed(lambda: lm_generate(1, beams))
-            full = gen_timed(lambda: lm_generate(NEW_TOKENS, beams))
-            r[f"{label}_step_s"] = (full - one) / (NEW_TOKENS - 1)
+        # Generation runs are long (a caption is 5-30 s): the stages above warmed everything up, so no warm-up
+        # run here, and two runs of each, interleaved (greedy 1 and 20 tokens, 5 beams 1 and 20, the two
+        # captions, then all again): on a machine whose speed flips between phases seconds to minutes long, each
+        # quantity's two runs then lie a minute or more apart rather than side by side, and quantities that are
+        # compared (beam vs greedy step, caption vs its parts) sample the same stretch of time. (Run back to
+        # back, one bf16 process measured a 5-beam step at 1.34x a greedy one; alternating in one process,
+        # 0.74-0.95x.)
         tokens = {}
-        for label, beams in (("greedy", 1), ("beam", BEAMS)):
-            r[f"caption_{label}_s"] = gen_timed(lambda: tokens.__setitem__(label, caption(beams)[0].tolist()))
+        runs = {"greedy_1": lambda: lm_generate(1, 1), "greedy_n": lambda: lm_generate(NEW_TOKENS, 1),
+                "beam_1": lambda: lm_generate(1, BEAMS), "beam_n": lambda: lm_generate(NEW_TOKENS, BEAMS),
+                "caption_greedy": lambda: tokens.__setitem__("greedy", caption(1)[0].tolist()),
+                "caption_beam": lambda: tokens.__setitem__("beam", caption(BEAMS)[0].tolist())}
+        times = {name: [] for name in runs}
+        for _ in range(2):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
+        best = {name: min(t) for name, t in times.items()}
+        for label in ("greedy", "beam"):
+            r[f"{label}_step_s"] = (best[f"{label}_n"] - best[f"{label}_1"]) / (NEW_TOKENS - 1)
+            r[f"caption_{label}_s"] = best[f"caption_{label}"]
             r[f"{label}_tokens"] = tokens[label]
         r["first_token_s"] = r["vision_s"] + r["qformer_s"] + r["prefill_s"]
     r["peak_gflops"] = max(peaks)
@@ -516,7 +528,8 @@ def write_report(args, machine, runs, path):
               f"(32 queries), OPT {s['lm_layers']} x {s['lm']}, vocab {s['vocab']}; random weights, fp32 shards on disk.  ",
               "Each variant ran in its own process, one after the other (load average at its start in the last "
               f"table). Times are the best of the repeats{rounds} (vision, Q-Former and prefill: at least 5 runs"
-              f"{f', and at least {STAGE_SECONDS[args.shape]:.0f} s' if args.shape in STAGE_SECONDS else ''}); per-token = (t(20) - t(1)) / 19.", ""]
+              f"{f', and at least {STAGE_SECONDS[args.shape]:.0f} s' if args.shape in STAGE_SECONDS else ''}; generation: "
+              "2 runs each, interleaved); per-token = (t(20) - t(1)) / 19.", ""]
     # The 1-minute load average at a worker's start still counts the previous worker's own threads (it decays
     # over minutes), so only a figure clearly above --threads means that other processes competed.
     busy = [r["loadavg"] for r in runs if "error" not in r and r["loadavg"] > args.threads + 0.5]
@@ -723,6 +736,9 @@ def main():
     (CACHE / "runs" / f"{args.shape}-summary.json").write_text(json.dumps({"machine": machine, "results": results},
                                                                           indent=2))
     print(f"wrote {path}", file=sys.stderr)
+    failed = [f"{r['impl']} {r['variant']}" for r in results if "error" in r and not r.get("kept")]
+    if failed:  # the report says why; the exit status says that something did (CI runs this at the tiny shape)
+        sys.exit(f"bench: {len(failed)} run(s) failed ({', '.join(failed)}): see {path}")
 
 
 if __name__ == "__main__":
