@@ -40,10 +40,10 @@ def row_blocks(rows: int, dtype: torch.dtype) -> int:
     - fp32, one row: MKL's matrix-vector product runs on both cores of an Intel CPU (4.95 ms: 21 GB/s, all
       that memory delivers; as 4 blocks 8.3 ms) but on one core of an AMD one (per OPT layer 13.3 ms; as 4
       blocks 8.5 ms).
-    - fp32, 2-8 rows: x @ W^T takes a slow path on both from 4 rows on (Intel, 5 rows: 10.3 ms, as 4 blocks
-      8.4 ms; an AVX2 EPYC, 1 thread: 5 rows cost 5-6x one row, as blocks 2.5-3x). On the Intel Xeon MKL's
-      own path still wins for 2-3 rows (per OPT layer, best of 5: 2 rows 11.4 vs 21.1 ms as 4 blocks, 3 rows
-      15.9 vs 21.8; 4 rows 22.4 vs 19.0).
+    - fp32, 2-8 rows: x @ W^T takes a slow path on both (Intel, 5 rows: 10.3 ms, as 4 blocks 8.4 ms; an AVX2
+      EPYC, 1 thread: 5 rows cost 5-6x one row, as blocks 2.5-3x); on the Intel Xeon only from 4 rows on:
+      MKL's own product still wins for 2-3 rows (per OPT layer, best of 5: 2 rows 11.4 vs 21.1 ms as 4
+      blocks, 3 rows 15.9 vs 21.8; 4 rows 22.4 vs 19.0).
     - bf16 (oneDNN) on the Intel Xeon: 2 blocks reach the bandwidth (1 row 4.19 -> 2.75 ms, 5 rows 3.60 ->
       2.74 ms); 4 blocks of one row were slower in every run (3.1-8.9 ms). They also win for prompts up to
       ~64 rows (per OPT layer, best of 6: 9 rows 8.2 -> 7.4 ms, 33 rows (BLIP-2's prefill) 11.9 -> 9.6 ms,
