@@ -39,8 +39,8 @@ import torch.nn as nn
 from .config import Blip2Config, ConfigError
 from .cpu import cpu_multiplies_bf16_faster  # also importable from here (README)
 from .model import Blip2
-from .quantize import (Int8Linear, linears_to_quantize, packs_for_fbgemm, quantize_weight, replace_module,
-                       store_head_in_fp16)
+from .quantize import (Int8Linear, fused_projections, linears_to_quantize, packs_for_fbgemm, quantize_weight,
+                       replace_module, store_head_in_fp16)
 
 
 class CheckpointError(ValueError):
@@ -333,8 +333,8 @@ QUANTIZED = object()  # stands in `filled` for a tensor that went into an Int8Li
 class _QuantizeWhileLoading:
     """load_model(quantize=...): the language model's Linear layers become Int8Linear as they are read, the
     same modules that quantize_language_model would make. Each weight is rounded to int8 when it is read and
-    its module is built as soon as its bias is there too (the official files list `.bias` before `.weight`),
-    so neither the float language model nor two copies of its int8 matrices (ours, and fbgemm's packed one)
+    its module is built as soon as its bias is there too (the official files list `.bias` before `.weight`;
+    OPT's q, k and v projections, which become one matrix, once all three are there), so neither the float language model nor two copies of its int8 matrices (ours, and fbgemm's packed one)
     ever exist at once: peak memory stays at about the int8 model's size.
 
     On x86 CPUs building the module is fbgemm's repacking of q (linear_prepack), which runs on one core: two
@@ -350,6 +350,11 @@ class _QuantizeWhileLoading:
         self.modules = [f"language_model.{name}" for name, _ in linears_to_quantize(model.language_model)]
         self.parts = {f"{m}.{p}": m for m in self.modules for p in ("weight", "bias") if f"{m}.{p}" in params}
         self.pending: dict[str, dict] = {}  # module name -> {"weight": (q, scales), "bias": tensor} read so far
+        # q, k and v become one matrix (quantize.fused_projections), built once all three are read
+        self.fused = {f"language_model.{fused}": [f"language_model.{p}" for p in parts]
+                      for fused, parts in fused_projections(model.language_model).items()}
+        self.fused_into = {part: fused for fused, parts in self.fused.items() for part in parts}
+        self.stacking: dict[str, dict] = {}  # fused name -> {part: (q, scales, bias)} read so far
         self.built: dict[str, Int8Linear | Future] = {}
         self.workers = torch.get_num_threads()
         self.pool = ThreadPoolExecutor(self.workers) if packs_for_fbgemm(torch.device("cpu")) else None
@@ -361,16 +366,30 @@ class _QuantizeWhileLoading:
         read[name.rpartition(".")[2]] = quantize_weight(tensor) if name.endswith(".weight") else tensor
         if len(read) == sum(part == module for part in self.parts.values()):  # weight (and bias) all read
             (q, scale), bias = read["weight"], read.get("bias")
-            if self.pool is None:
-                self.built[module] = Int8Linear(q, scale, bias, self.activations)
-            else:
-                self.built[module] = self.pool.submit(Int8Linear, q, scale, bias, self.activations)
-                self.in_flight.append(self.built[module])
-                if len(self.in_flight) > 2 * self.workers:  # the reading must not run far ahead: each queued
-                    self.in_flight.pop(0).result()          # matrix is memory (unbounded: +0.5 GB peak, measured)
             del self.pending[module]
+            fused = self.fused_into.get(module)
+            if fused is None:
+                self._build(module, Int8Linear, q, scale, bias, self.activations)
+                return
+            stack = self.stacking.setdefault(fused, {})
+            stack[module] = (q, scale, bias)
+            if len(stack) == len(self.fused[fused]):
+                del self.stacking[fused]
+                self._build(fused, Int8Linear.stacked, [stack[p] for p in self.fused[fused]], self.activations)
+
+    def _build(self, module: str, make, *args):
+        if self.pool is None:
+            self.built[module] = make(*args)
+        else:
+            self.built[module] = self.pool.submit(make, *args)
+            self.in_flight.append(self.built[module])
+            if len(self.in_flight) > 2 * self.workers:  # the reading must not run far ahead: each queued
+                self.in_flight.pop(0).result()          # matrix is memory (unbounded: +0.5 GB peak, measured)
 
     def install(self, model: Blip2):
+        for fused, parts in self.fused.items():  # as quantize_language_model leaves them: q, k, v gone
+            for part in parts:
+                replace_module(model, part, None)
         for module, int8 in self.built.items():
             replace_module(model, module, int8.result() if isinstance(int8, Future) else int8)
         if self.pool is not None:  # (after a failed load, the pool's threads end when it is garbage-collected)

@@ -66,7 +66,8 @@ fbgemm's fp16 kernel; fp32 where fbgemm is missing): it is 5 % of OPT-2.7b's wei
 into the logits that choose each token, and on the trained toy model it alone decides whether captions survive
 (measured below). With quantize_head=True the table's rows, which are the head's output channels, get one int8
 table with per-row scales that serves both the input lookup and the output head (on x86 the head's matmul
-reads fbgemm's packed copy of it). Everything else (LayerNorms, biases, position table) is small and stays in
+reads fbgemm's packed copy of it). OPT's q, k and v projections become one int8 matrix, their rows stacked,
+multiplied in one call (fused_projections: measured faster, same numbers). Everything else (LayerNorms, biases, position table) is small and stays in
 float, converted to fp32, so the language model computes in fp32 (its input is cast at the stage boundary,
 model.py).
 
@@ -257,6 +258,15 @@ class Int8Linear(nn.Module):
         q, scale = quantize_weight(linear.weight)
         return cls(q, scale, linear.bias, activations)
 
+    @classmethod
+    def stacked(cls, parts: list[tuple], activations: str = "float") -> "Int8Linear":
+        """One Int8Linear for several layers that multiply the same input, from their [(q, scale, bias)]: their
+        rows stacked, so that its output is theirs side by side (fused_projections). Exact: each row keeps its
+        own scale. The layers have biases or not alike (they are built from the same config)."""
+        qs, scales, biases = zip(*parts)
+        bias = None if biases[0] is None else torch.cat(biases)
+        return cls(torch.cat(qs), torch.cat(scales), bias, activations)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).float()  # (B, I)
@@ -327,6 +337,25 @@ def linears_to_quantize(lm: nn.Module, quantize_head: bool = False) -> list[tupl
     below and for the loader's quantize-while-loading."""
     head = None if quantize_head else getattr(lm, "lm_head", None)
     return [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fused_projections(lm: nn.Module) -> dict[str, list[str]]:
+    """{name of a fused Int8Linear: the names of the Linear layers it replaces}: the q, k and v projections of
+    each attention layer with a `qkv_proj` slot (OPT's, opt.py) become one int8 matrix (3D, D), their rows
+    stacked (Int8Linear.stacked). They multiply the same x, so one call serves all three: the per-call work
+    around the integer product (writing x as digits, adding the bias, fbgemm's own set-up) is done once, and
+    fbgemm streams one larger matrix. Measured at OPT-2.7b's shape (32 layers' q, k, v, 2 threads, Intel Xeon,
+    the two forms alternating in one process, medians of 40 paired runs): one row (greedy decoding) 0.75x the
+    time of three calls weight-only, 0.89x with int8 activations; five rows (beams) 0.82x / 0.91x. The whole
+    language model (medians of 40 / 20 / 8 paired runs): per generated token 0.92x / 0.96x, per 5-beam step
+    0.94x / 0.98x, prompt 0.97x / 0.96x, logits identical. (In fp32 and bf16 the three products fused took
+    0.97x / 0.89x their time: the float model keeps the checkpoint's three matrices.)"""
+    prefix = lambda name: f"{name}." if name else ""  # noqa: E731  (the language model itself has name "")
+    return {prefix(name) + "qkv_proj": [prefix(name) + p for p in QKV] for name, m in lm.named_modules()
+            if getattr(m, "qkv_proj", "absent") is None and all(isinstance(getattr(m, p, None), nn.Linear) for p in QKV)}
 
 
 class Fp16Linear(nn.Module):
@@ -415,6 +444,13 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
         lm.embed_tokens = Int8Embedding(q, scale)
         lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q unless fbgemm packs a copy (x86)
 
+    for fused, parts in fused_projections(lm).items():  # q, k, v -> one matrix, then the other Linears
+        linears = [lm.get_submodule(p) for p in parts]
+        replace_module(lm, fused, Int8Linear.stacked([(*quantize_weight(m.weight), m.bias) for m in linears],
+                                                     activations))
+        for name, linear in zip(parts, linears):
+            replace_module(lm, name, None)
+            linear.weight = None
     for name, linear in linears_to_quantize(lm, quantize_head):
         replace_module(lm, name, Int8Linear.from_linear(linear, activations))
         linear.weight = None  # release the float weight now rather than at the end

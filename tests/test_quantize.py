@@ -273,6 +273,68 @@ def test_linears_to_quantize_leaves_the_head_out():
     assert "lm_head" in [name for name, _ in linears_to_quantize(t5, quantize_head=True)]
 
 
+KERNELS = ["fbgemm", "block"] if "int8" in MODES else ["block"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("activations", MODES)
+def test_stacked_projections_compute_the_three_layers(activations, kernel, monkeypatch):
+    """OPT's q, k and v become one Int8Linear of stacked rows (fused_projections): same integers, same scales,
+    and its output is the three layers' outputs side by side: bit for bit through fbgemm (integer sums, one
+    input for all three), to float rounding through the block kernel (other CPUs, GPUs)."""
+    if kernel == "block":
+        if activations == "int8":
+            pytest.skip("int8 activations always run fbgemm")
+        monkeypatch.setattr("blip2_mini.quantize.packs_for_fbgemm", lambda device: False)
+        monkeypatch.setattr("blip2_mini.quantize.block_kernel_dtype", lambda x: x.dtype)  # fp32: comparable
+    g = torch.Generator().manual_seed(5)
+    linears = [torch.nn.Linear(64, 64) for _ in range(3)]
+    with torch.no_grad():
+        for i, linear in enumerate(linears):  # rows of different sizes in each, so the per-row scales matter
+            linear.weight.copy_(torch.randn(64, 64, generator=g) * (i + 1) * torch.logspace(-1, 1, 64)[:, None])
+    stacked = Int8Linear.stacked([(*quantize_weight(m.weight), m.bias) for m in linears], activations)
+    alone = [Int8Linear.from_linear(m, activations) for m in linears]
+    x = torch.randn(2, 3, 64, generator=g)
+    with torch.no_grad():
+        y, expected = stacked(x), torch.cat([m(x) for m in alone], dim=-1)  # (2, 3, 192)
+    if kernel == "fbgemm":
+        assert torch.equal(y, expected)
+    else:
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(stacked.weight_int8, torch.cat([m.weight_int8 for m in alone]))
+
+
+@pytest.mark.parametrize("activations", MODES)
+def test_quantized_opt_multiplies_q_k_v_as_one_matrix(activations):
+    """Quantizing OPT replaces each layer's q_proj, k_proj, v_proj by one qkv_proj (and nothing else fuses:
+    T5's attention has no such slot); the logits are those of the three int8 layers run one by one."""
+    from blip2_mini.quantize import fused_projections
+    fp32 = load()
+    groups = fused_projections(fp32.language_model)
+    assert len(groups) == len(fp32.language_model.layers)
+    assert groups["layers.0.self_attn.qkv_proj"] == [f"layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    assert fused_projections(load_model(FIXTURE.parent / "t5-base", progress=False).language_model) == {}
+    fused = quantize_language_model(load(), activations)
+    attn = fused.language_model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, Int8Linear) and attn.q_proj is None and attn.k_proj is None
+    assert attn.qkv_proj.out_features == 3 * attn.out_proj.in_features
+    # the same model with the three kept apart: every Linear quantized alone, no fused slot
+    apart = load()
+    for layer in apart.language_model.layers:
+        layer.self_attn.qkv_proj = "kept apart"  # not None: fused_projections leaves the layer alone
+    quantize_language_model(apart, activations)
+    for layer in apart.language_model.layers:
+        assert isinstance(layer.self_attn.q_proj, Int8Linear)
+        layer.self_attn.qkv_proj = None
+    inputs = fixture_inputs()
+    with torch.no_grad():
+        a, b = fused(**inputs), apart(**inputs)
+    if attn.qkv_proj.packed is not None:  # fbgemm: integer sums, bit for bit
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_quantize_errors():
     model = load("float")
     with pytest.raises(ValueError, match="already quantized"):
