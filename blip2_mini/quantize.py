@@ -67,9 +67,9 @@ into the logits that choose each token, and on the trained toy model it alone de
 (measured below). With quantize_head=True the table's rows, which are the head's output channels, get one int8
 table with per-row scales that serves both the input lookup and the output head (on x86 the head's matmul
 reads fbgemm's packed copy of it). OPT's q, k and v projections become one int8 matrix, their rows stacked,
-multiplied in one call (fused_projections: measured faster, same numbers). Everything else (LayerNorms, biases, position table) is small and stays in
-float, converted to fp32, so the language model computes in fp32 (its input is cast at the stage boundary,
-model.py).
+multiplied in one call (fused_projections: measured faster, same numbers). Everything else (LayerNorms,
+biases, position table) is small and stays in float, converted to fp32, so the language model computes in
+fp32 (its input is cast at the stage boundary, model.py).
 
 Accuracy. Logits vs fp32 (tests/test_quantize.py; benchmarks/): relative error ||l8 - l32|| / ||l32|| <= 2 %
 weight-only, <= 4 % with int8 activations. Where that comes from: a weight's rounding error is uniform in
@@ -353,9 +353,12 @@ def fused_projections(lm: nn.Module) -> dict[str, list[str]]:
     language model (medians of 40 / 20 / 8 paired runs): per generated token 0.92x / 0.96x, per 5-beam step
     0.94x / 0.98x, prompt 0.97x / 0.96x, logits identical. (In fp32 and bf16 the three products fused took
     0.97x / 0.89x their time: the float model keeps the checkpoint's three matrices.)"""
-    prefix = lambda name: f"{name}." if name else ""  # noqa: E731  (the language model itself has name "")
-    return {prefix(name) + "qkv_proj": [prefix(name) + p for p in QKV] for name, m in lm.named_modules()
-            if getattr(m, "qkv_proj", "absent") is None and all(isinstance(getattr(m, p, None), nn.Linear) for p in QKV)}
+    fused = {}
+    for name, m in lm.named_modules():
+        if getattr(m, "qkv_proj", "absent") is None and all(isinstance(getattr(m, p, None), nn.Linear) for p in QKV):
+            at = f"{name}." if name else ""  # (the language model itself is named "")
+            fused[at + "qkv_proj"] = [at + p for p in QKV]
+    return fused
 
 
 class Fp16Linear(nn.Module):
@@ -417,7 +420,8 @@ def store_head_in_fp16(lm: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def quantize_language_model(model: nn.Module, activations: str = "float", quantize_head: bool = False) -> nn.Module:
-    """Replace the language model's Linear layers by int8 ones, in place; return the model.
+    """Replace the language model's Linear layers by int8 ones (OPT's q, k and v projections by one stacked
+    matrix, fused_projections), in place; return the model.
 
     `model` is a blip2_mini Blip2 (or its language model). activations="float" quantizes the weights only
     (the matmul inputs are not rounded to 8 bits: x86 CPUs write them as two int8 digits, ~14 bits of each
