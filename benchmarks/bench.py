@@ -64,6 +64,7 @@ CACHE = ROOT / "benchmarks" / "cache"
 sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS, BEAMS = 20, 5
+GEN_RUNS = 2  # runs of each generation (greedy 1 / 20 tokens, beams 1 / 20, the two captions), interleaved
 STAGE_SECONDS = {"full": 15.0}  # vision, Q-Former, prefill: run for at least this long (other shapes: 5 runs)
 OURS_VARIANTS = {  # name -> (load dtype, dtype_policy, load_model's quantize, vision weights stored in bf16)
     "fp32": (torch.float32, None, None, False),
@@ -405,9 +406,9 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
             logits = lm(inputs_embeds=embeds, attention_mask=mask).logits[0]
 
         # Generation runs are long (a caption is 5-30 s): the stages above warmed everything up, so no warm-up
-        # run here, and two runs of each, interleaved (greedy 1 and 20 tokens, 5 beams 1 and 20, the two
+        # run here, and GEN_RUNS runs of each, interleaved (greedy 1 and 20 tokens, 5 beams 1 and 20, the two
         # captions, then all again): on a machine whose speed flips between phases seconds to minutes long, each
-        # quantity's two runs then lie a minute or more apart rather than side by side, and quantities that are
+        # quantity's runs then lie a minute or more apart rather than side by side, and quantities that are
         # compared (beam vs greedy step, caption vs its parts) sample the same stretch of time. (Run back to
         # back, one bf16 process measured a 5-beam step at 1.34x a greedy one; alternating in one process,
         # 0.74-0.95x.)
@@ -417,7 +418,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
                 "caption_greedy": lambda: tokens.__setitem__("greedy", caption(1)[0].tolist()),
                 "caption_beam": lambda: tokens.__setitem__("beam", caption(BEAMS)[0].tolist())}
         times = {name: [] for name in runs}
-        for _ in range(2):
+        for _ in range(GEN_RUNS):
             for name, fn in runs.items():
                 start = time.perf_counter()
                 fn()
@@ -529,7 +530,7 @@ def write_report(args, machine, runs, path):
               "Each variant ran in its own process, one after the other (load average at its start in the last "
               f"table). Times are the best of the repeats{rounds} (vision, Q-Former and prefill: at least 5 runs"
               f"{f', and at least {STAGE_SECONDS[args.shape]:.0f} s' if args.shape in STAGE_SECONDS else ''}; generation: "
-              "2 runs each, interleaved); per-token = (t(20) - t(1)) / 19.", ""]
+              f"{GEN_RUNS} runs each, interleaved); per-token = (t(20) - t(1)) / 19.", ""]
     # The 1-minute load average at a worker's start still counts the previous worker's own threads (it decays
     # over minutes), so only a figure clearly above --threads means that other processes competed.
     busy = [r["loadavg"] for r in runs if "error" not in r and r["loadavg"] > args.threads + 0.5]
