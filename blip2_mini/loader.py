@@ -351,7 +351,8 @@ class _QuantizeWhileLoading:
         self.modules = [f"language_model.{name}" for name, _ in linears_to_quantize(model.language_model)]
         self.parts = {f"{m}.{p}": m for m in self.modules for p in ("weight", "bias") if f"{m}.{p}" in params}
         self.pending: dict[str, dict] = {}  # module name -> {"weight": (q, scales), "bias": tensor} read so far
-        # q, k and v become one matrix (quantize.fused_projections), built once all three are read
+        # layers that read the same x (q, k, v; wi_0, wi_1) become one matrix (quantize.fused_projections), built
+        # once all of them are read
         self.fused = {f"language_model.{fused}": [f"language_model.{p}" for p in parts]
                       for fused, parts in fused_projections(model.language_model).items()}
         self.fused_into = {part: fused for fused, parts in self.fused.items() for part in parts}
@@ -388,7 +389,7 @@ class _QuantizeWhileLoading:
                 self.in_flight.pop(0).result()          # matrix is memory (unbounded: +0.5 GB peak, measured)
 
     def install(self, model: Blip2):
-        for fused, parts in self.fused.items():  # as quantize_language_model leaves them: q, k, v gone
+        for fused, parts in self.fused.items():  # as quantize_language_model leaves them: the parts gone
             for part in parts:
                 replace_module(model, part, None)
         for module, int8 in self.built.items():

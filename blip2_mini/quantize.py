@@ -66,10 +66,11 @@ fbgemm's fp16 kernel; fp32 where fbgemm is missing): it is 5 % of OPT-2.7b's wei
 into the logits that choose each token, and on the trained toy model it alone decides whether captions survive
 (measured below). With quantize_head=True the table's rows, which are the head's output channels, get one int8
 table with per-row scales that serves both the input lookup and the output head (on x86 the head's matmul
-reads fbgemm's packed copy of it). OPT's q, k and v projections become one int8 matrix, their rows stacked,
-multiplied in one call (fused_projections: measured faster, same numbers). Everything else (LayerNorms,
-biases, position table) is small and stays in float, converted to fp32, so the language model computes in
-fp32 (its input is cast at the stage boundary, model.py).
+reads fbgemm's packed copy of it). Layers that read the same input (OPT's q, k and v; Flan-T5's self-attention
+q, k, v and its FFN's two input matrices) become one int8 matrix, their rows stacked, multiplied in one call
+(fused_projections: measured faster, same numbers). Everything else (LayerNorms, biases, position table) is
+small and stays in float, converted to fp32, so the language model computes in fp32 (its input is cast at the
+stage boundary, model.py).
 
 Accuracy. Logits vs fp32 (tests/test_quantize.py; benchmarks/): relative error ||l8 - l32|| / ||l32|| <= 2 %
 weight-only, <= 4 % with int8 activations. Where that comes from: a weight's rounding error is uniform in
@@ -339,25 +340,32 @@ def linears_to_quantize(lm: nn.Module, quantize_head: bool = False) -> list[tupl
     return [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
-QKV = ("q_proj", "k_proj", "v_proj")
+# Layers that multiply the same x, and the slot where their stacked int8 matrix goes (fused_projections).
+STACKS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),  # OPT's attention (opt.py)
+          "qkv": ("q", "k", "v"),                       # Flan-T5's self-attention (t5.py; not its cross-attention)
+          "wi": ("wi_0", "wi_1")}                       # Flan-T5's gated FFN: gate and value
 
 
 def fused_projections(lm: nn.Module) -> dict[str, list[str]]:
-    """{name of a fused Int8Linear: the names of the Linear layers it replaces}: the q, k and v projections of
-    each attention layer with a `qkv_proj` slot (OPT's, opt.py) become one int8 matrix (3D, D), their rows
-    stacked (Int8Linear.stacked). They multiply the same x, so one call serves all three: the per-call work
-    around the integer product (writing x as digits, adding the bias, fbgemm's own set-up) is done once, and
-    fbgemm streams one larger matrix. Measured at OPT-2.7b's shape (32 layers' q, k, v, 2 threads, Intel Xeon,
-    the two forms alternating in one process, medians of 40 paired runs): one row (greedy decoding) 0.75x the
-    time of three calls weight-only, 0.89x with int8 activations; five rows (beams) 0.82x / 0.91x. The whole
-    language model (medians of 40 / 20 / 8 paired runs): per generated token 0.92x / 0.96x, per 5-beam step
-    0.94x / 0.98x, prompt 0.97x / 0.96x, logits identical. (In fp32 and bf16 the three products fused took
-    0.97x / 0.89x their time: the float model keeps the checkpoint's three matrices.)"""
+    """{name of a stacked Int8Linear: the names of the Linear layers it replaces}, for every module that offers a
+    slot of STACKS (an attribute set to None, next to the layers it would replace): OPT's q, k and v, Flan-T5's
+    self-attention q, k and v and its FFN's wi_0 and wi_1 become one int8 matrix each, their rows stacked
+    (Int8Linear.stacked). The layers multiply the same x, so one call serves them all: the per-call work around
+    the integer product (writing x as digits, adding the bias, fbgemm's own set-up) is done once, and fbgemm
+    streams one larger matrix. Measured (2 threads, Intel Xeon, the two forms alternating in one process,
+    medians of paired runs): OPT-2.7b's 32 layers' q, k, v, one row (greedy decoding) 0.75x the time of three
+    calls weight-only, 0.89x with int8 activations; five rows (beams) 0.82x / 0.91x. The whole OPT-2.7b (medians
+    of 40 / 20 / 8 paired runs): per generated token 0.92x / 0.96x, per 5-beam step 0.94x / 0.98x, prompt 0.97x
+    / 0.96x, logits identical. Flan-T5-XL's 24 decoder layers' q, k, v and wi_0, wi_1, one row: 0.86x weight-only,
+    0.92x with int8 activations; its whole decoder (medians of 30 / 16 paired runs): per generated token 0.93x
+    / 0.96x, per 5-row step 0.94x / 0.97x, logits identical. (In fp32 and bf16 OPT's three products fused took
+    0.97x / 0.89x their time: the float models keep the checkpoint's matrices.)"""
     fused = {}
     for name, m in lm.named_modules():
-        if getattr(m, "qkv_proj", "absent") is None and all(isinstance(getattr(m, p, None), nn.Linear) for p in QKV):
-            at = f"{name}." if name else ""  # (the language model itself is named "")
-            fused[at + "qkv_proj"] = [at + p for p in QKV]
+        for slot, parts in STACKS.items():
+            if getattr(m, slot, "absent") is None and all(isinstance(getattr(m, p, None), nn.Linear) for p in parts):
+                at = f"{name}." if name else ""  # (the language model itself is named "")
+                fused[at + slot] = [at + p for p in parts]
     return fused
 
 
@@ -420,8 +428,8 @@ def store_head_in_fp16(lm: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def quantize_language_model(model: nn.Module, activations: str = "float", quantize_head: bool = False) -> nn.Module:
-    """Replace the language model's Linear layers by int8 ones (OPT's q, k and v projections by one stacked
-    matrix, fused_projections), in place; return the model.
+    """Replace the language model's Linear layers by int8 ones (those that read the same input, e.g. q, k and
+    v, by one stacked matrix: fused_projections), in place; return the model.
 
     `model` is a blip2_mini Blip2 (or its language model). activations="float" quantizes the weights only
     (the matmul inputs are not rounded to 8 bits: x86 CPUs write them as two int8 digits, ~14 bits of each
@@ -448,7 +456,7 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
         lm.embed_tokens = Int8Embedding(q, scale)
         lm.lm_head = Int8Linear(q, scale, None, activations)  # shares q unless fbgemm packs a copy (x86)
 
-    for fused, parts in fused_projections(lm).items():  # q, k, v -> one matrix, then the other Linears
+    for fused, parts in fused_projections(lm).items():  # e.g. q, k, v -> one matrix; then the other Linears
         linears = [lm.get_submodule(p) for p in parts]
         replace_module(lm, fused, Int8Linear.stacked([(*quantize_weight(m.weight), m.bias) for m in linears],
                                                      activations))

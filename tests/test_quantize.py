@@ -33,8 +33,8 @@ MODES = ["float"] + (["int8"] if "fbgemm" in torch.backends.quantized.supported_
 STEPS = 12
 
 
-def fixture_inputs():
-    stored = load_file(FIXTURE / "reference.safetensors")
+def fixture_inputs(name="opt-base"):
+    stored = load_file(FIXTURE.parent / name / "reference.safetensors")
     return {k[len("input."):]: v for k, v in stored.items() if k.startswith("input.")}
 
 
@@ -173,8 +173,7 @@ def test_int8_flan_t5_computes_with_the_rounded_weights(monkeypatch):
     monkeypatch.setattr("blip2_mini.quantize.use_packed_int8_kernel", lambda x, in_features: False)
     monkeypatch.setattr("blip2_mini.quantize.block_kernel_dtype", lambda x: x.dtype)  # fp32 blocks
     t5 = FIXTURE.parent / "t5-base"
-    stored = load_file(t5 / "reference.safetensors")
-    inputs = {k[len("input."):]: v for k, v in stored.items() if k.startswith("input.")}
+    inputs = fixture_inputs("t5-base")
     rounded = load_model(t5, progress=False)
     with torch.no_grad():
         for _, linear in linears_to_quantize(rounded.language_model):
@@ -279,9 +278,10 @@ KERNELS = ["fbgemm", "block"] if "int8" in MODES else ["block"]
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("activations", MODES)
 def test_stacked_projections_compute_the_three_layers(activations, kernel, monkeypatch):
-    """OPT's q, k and v become one Int8Linear of stacked rows (fused_projections): same integers, same scales,
-    and its output is the three layers' outputs side by side: bit for bit through fbgemm (integer sums, one
-    input for all three), to float rounding through the block kernel (other CPUs, GPUs)."""
+    """Layers that read the same x (here three, as OPT's q, k, v) become one Int8Linear of stacked rows
+    (fused_projections): same integers, same scales, and its output is the three layers' outputs side by side:
+    bit for bit through fbgemm (integer sums, one input for all three), to float rounding through the block
+    kernel (other CPUs, GPUs)."""
     if kernel == "block":
         if activations == "int8":
             pytest.skip("int8 activations always run fbgemm")
@@ -304,32 +304,51 @@ def test_stacked_projections_compute_the_three_layers(activations, kernel, monke
         assert torch.equal(stacked.weight_int8, torch.cat([m.weight_int8 for m in alone]))
 
 
+# The stacked matrices each family gets: (slot, the Linear layers it replaces) per module name; T5's cross-
+# attention keeps q, k and v apart (its k and v read the encoder output, not the x that q reads).
+STACKED = {
+    "opt-base": {"layers.{}.self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj"))},
+    "t5-base": {"encoder.layers.{}.self_attn": ("qkv", ("q", "k", "v")),
+                "encoder.layers.{}.ffn": ("wi", ("wi_0", "wi_1")),
+                "decoder.layers.{}.self_attn": ("qkv", ("q", "k", "v")),
+                "decoder.layers.{}.ffn": ("wi", ("wi_0", "wi_1"))},
+}
+
+
+@pytest.mark.parametrize("name", ["opt-base", "t5-base"])
 @pytest.mark.parametrize("activations", MODES)
-def test_quantized_opt_multiplies_q_k_v_as_one_matrix(activations):
-    """Quantizing OPT replaces each layer's q_proj, k_proj, v_proj by one qkv_proj (and nothing else fuses:
-    T5's attention has no such slot); the logits are those of the three int8 layers run one by one."""
+def test_quantized_model_multiplies_stacked_matrices(activations, name):
+    """Quantizing replaces the Linear layers that read the same x by one Int8Linear of their stacked rows: OPT's
+    q_proj, k_proj, v_proj by qkv_proj; Flan-T5's self-attention q, k, v by qkv and its FFN's wi_0, wi_1 by wi
+    (nothing else); the logits are those of the same layers quantized and run one by one."""
     from blip2_mini.quantize import fused_projections
-    fp32 = load()
-    groups = fused_projections(fp32.language_model)
-    assert len(groups) == len(fp32.language_model.layers)
-    assert groups["layers.0.self_attn.qkv_proj"] == [f"layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-    assert fused_projections(load_model(FIXTURE.parent / "t5-base", progress=False).language_model) == {}
-    fused = quantize_language_model(load(), activations)
-    attn = fused.language_model.layers[0].self_attn
-    assert isinstance(attn.qkv_proj, Int8Linear) and attn.q_proj is None and attn.k_proj is None
-    assert attn.qkv_proj.out_features == 3 * attn.out_proj.in_features
-    # the same model with the three kept apart: every Linear quantized alone, no fused slot
-    apart = load()
-    for layer in apart.language_model.layers:
-        layer.self_attn.qkv_proj = "kept apart"  # not None: fused_projections leaves the layer alone
+    lm = load_model(FIXTURE.parent / name, progress=False).language_model
+    expected = {f"{module.format(i)}.{slot}": [f"{module.format(i)}.{p}" for p in parts]
+                for module, (slot, parts) in STACKED[name].items()
+                for i in range(len(lm.get_submodule(module.partition(".{}")[0])))}  # every layer of the stack
+    assert expected and fused_projections(lm) == expected
+
+    fused = quantize_language_model(load_model(FIXTURE.parent / name, progress=False), activations)
+    for stacked, parts in expected.items():
+        module = fused.language_model.get_submodule(stacked)
+        assert isinstance(module, Int8Linear) and module.out_features == sum(
+            lm.get_submodule(p).out_features for p in parts)
+        owner = fused.language_model.get_submodule(stacked.rpartition(".")[0])
+        assert all(getattr(owner, p.rpartition(".")[2]) is None for p in parts)
+    # the same model with the layers kept apart: every Linear quantized alone, no stacked slot
+    apart = load_model(FIXTURE.parent / name, progress=False)
+    for stacked in expected:
+        owner, _, slot = stacked.rpartition(".")
+        setattr(apart.language_model.get_submodule(owner), slot, "kept apart")  # not None: left alone
     quantize_language_model(apart, activations)
-    for layer in apart.language_model.layers:
-        assert isinstance(layer.self_attn.q_proj, Int8Linear)
-        layer.self_attn.qkv_proj = None
-    inputs = fixture_inputs()
+    for stacked, parts in expected.items():
+        owner, _, slot = stacked.rpartition(".")
+        assert all(isinstance(apart.language_model.get_submodule(p), Int8Linear) for p in parts)
+        setattr(apart.language_model.get_submodule(owner), slot, None)
+    inputs = fixture_inputs(name)
     with torch.no_grad():
         a, b = fused(**inputs), apart(**inputs)
-    if attn.qkv_proj.packed is not None:  # fbgemm: integer sums, bit for bit
+    if fused.language_model.get_submodule(next(iter(expected))).packed is not None:  # fbgemm: integer sums
         assert torch.equal(a, b)
     else:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
