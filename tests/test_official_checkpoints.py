@@ -59,22 +59,24 @@ def generate(model, processor, images, text=None, **options):
     return model.generate(**inputs, **options).tolist()
 
 
-def test_opt_caption_and_answer():
+# (checkpoint, greedy caption, 2-beam caption, answer to QUESTION, the answer's text). In fp16 Flan-T5's FFN
+# output projections stay fp32, as in the reference.
+CAPTIONING = [("blip2-opt-2.7b", OPT_CAPTION, OPT_CAPTION_BEAMS, OPT_ANSWER, "it's not a city, it's a beach"),
+              ("blip2-flan-t5-xl", T5_CAPTION, T5_CAPTION, T5_ANSWER, "san diego")]
+
+
+@pytest.mark.parametrize("name, caption, beams, answer, answer_text", CAPTIONING)
+def test_caption_answer_and_beam_search(name, caption, beams, answer, answer_text):
+    model, processor, image = checkpoint(name)
+    assert generate(model, processor, image, max_new_tokens=20) == [caption]
+    ids = generate(model, processor, image, QUESTION, max_new_tokens=11)
+    assert ids == [answer] and processor.batch_decode(ids)[0].strip() == answer_text
+    assert generate(model, processor, [image, image], num_beams=2, max_new_tokens=20) == [beams] * 2
+
+
+def test_opt_caption_text_and_larger_image():
     model, processor, image = checkpoint("blip2-opt-2.7b")
-    assert generate(model, processor, image, max_new_tokens=20) == [OPT_CAPTION]
     assert processor.batch_decode([OPT_CAPTION])[0].strip() == "a woman sitting on the beach with a dog"
-    answer = generate(model, processor, image, QUESTION, max_new_tokens=11)
-    assert answer == [OPT_ANSWER]
-    assert processor.batch_decode(answer)[0].strip() == "it's not a city, it's a beach"
-
-
-def test_opt_batched_beam_search():
-    model, processor, image = checkpoint("blip2-opt-2.7b")
-    assert generate(model, processor, [image, image], num_beams=2, max_new_tokens=20) == [OPT_CAPTION_BEAMS] * 2
-
-
-def test_opt_larger_image_with_interpolated_positions():
-    model, processor, image = checkpoint("blip2-opt-2.7b")
     processor.image_processor.height = processor.image_processor.width = 500  # 35 x 35 patches instead of 16 x 16
     assert generate(model, processor, image, max_new_tokens=20, interpolate_pos_encoding=True) == [OPT_CAPTION_500PX]
 
@@ -84,19 +86,6 @@ def test_opt_caption_with_int8_language_model():
     """The quantized language model (quantize.py) keeps the caption of the trained model."""
     model, processor, image = checkpoint("blip2-opt-2.7b", quantize="int8")
     assert generate(model, processor, image, max_new_tokens=20) == [OPT_CAPTION]
-
-
-def test_flan_t5_caption_and_answer():
-    model, processor, image = checkpoint("blip2-flan-t5-xl")  # in fp16 its FFN output projections stay fp32
-    assert generate(model, processor, image, max_new_tokens=20) == [T5_CAPTION]
-    answer = generate(model, processor, image, QUESTION, max_new_tokens=20)
-    assert answer == [T5_ANSWER]
-    assert processor.batch_decode(answer)[0].strip() == "san diego"
-
-
-def test_flan_t5_batched_beam_search():
-    model, processor, image = checkpoint("blip2-flan-t5-xl")
-    assert generate(model, processor, [image, image], num_beams=2, max_new_tokens=20) == [T5_CAPTION] * 2
 
 
 def test_itm_and_itc_scores():
