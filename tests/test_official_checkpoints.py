@@ -14,7 +14,7 @@ each test is skipped with what is missing and how to get it:
     curl -L -o weights/demo.jpg https://huggingface.co/hf-internal-testing/blip-test-image/resolve/main/demo.jpg
 
 (BLIP2_WEIGHTS=<folder> looks for them elsewhere than weights/.) On a GPU the captioning models run in fp16,
-as the reference's tests did; on a CPU in fp32 (about 16 GB of memory for each of them), and the OPT caption
+as the reference's tests did; on a CPU in fp32 (about 16 GB of memory per captioning model), and the OPT caption
 is also checked with the language model in int8 (quantize="int8").
 """
 
