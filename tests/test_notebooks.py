@@ -13,7 +13,7 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 WALKTHROUGH = ["01_image_to_patches", "02_vision_transformer", "03_qformer", "04_projection_and_language_model",
-               "05_decoding", "06_end_to_end", "07_pretraining"]
+               "05_decoding", "06_end_to_end", "07_pretraining", "08_int8_quantization"]
 
 
 def code_cells(path):
