@@ -1,7 +1,8 @@
 """Benchmark blip2_mini against `transformers` and against the machine itself (issues 3 and 8).
 
     python benchmarks/bench.py [--shape full|quarter|tiny]
-                               [--dtype fp32,bf16,int8,...  (default: every variant below)]
+                               [--dtype fp32,bf16,int8,...  (default: the variants below; on a GPU
+                                                              fp32,bf16,fp16)]
                                [--device cpu|cuda] [--threads 2] [--rounds 1] [--no-reference]
 
 What it does, in one run:
@@ -26,8 +27,10 @@ What it does, in one run:
 4. Writes the tables, with ratios ours / reference and ours / floor, and every target met or missed, to
    benchmarks/RESULTS.md (benchmarks/RESULTS-<shape>.md for the smaller shapes).
 
-Variants (`--dtype`): fp32 and bf16 are run for both implementations. The int8 variants are ours only and are
-compared with the reference in fp32 (the issue's baseline) and with its best dtype:
+Variants (`--dtype`): fp32 and bf16 are run for both implementations, and fp16 (the default on a GPU, with
+`--device cuda`: there the report adds each stage's ratio to the reference in bf16 and fp16 to the targets,
+and the GPU's peak memory; the reference needs `pip install accelerate` to load onto the GPU). The int8 variants are CPU ones, ours only, compared with the reference in fp32 (the
+issue's baseline) and with its best dtype:
     int8              vision + Q-Former fp32 (the CPU computes fp32 fastest), language model int8 weight-only
     int8-dyn          the same, int8 kernel that also rounds the matmul inputs to 8 bits (fbgemm)
     int8-dyn-lowmem   int8-dyn with the vision encoder's weights stored in bf16 and computed in fp32
@@ -47,6 +50,7 @@ touching every page of the weights (both loaders may map same-dtype weights lazi
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -69,6 +73,7 @@ STAGE_SECONDS = {"full": 15.0}  # vision, Q-Former, prefill: run for at least th
 OURS_VARIANTS = {  # name -> (load dtype, dtype_policy, load_model's quantize, vision weights stored in bf16)
     "fp32": (torch.float32, None, None, False),
     "bf16": (torch.bfloat16, None, None, False),
+    "fp16": (torch.float16, None, None, False),
     "int8": (torch.float32, None, "int8", False),
     "int8-dyn": (torch.float32, None, "int8-dynamic", False),
     "int8-dyn-lowmem": (torch.float32, {"vision_model": torch.bfloat16}, "int8-dynamic", True),
@@ -76,7 +81,17 @@ OURS_VARIANTS = {  # name -> (load dtype, dtype_policy, load_model's quantize, v
     "int8-dyn-bf16-vision": (torch.float32, {"vision_model": torch.bfloat16}, "int8-dynamic", False),
 }
 BF16_VISION = ("bf16", "int8-bf16-vision", "int8-dyn-bf16-vision")  # variants whose vision encoder computes in bf16
-REFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # run by both
+# The default --dtype: on a CPU every variant but fp16 (CPUs compute bf16, when they have half-precision
+# instructions at all; the int8 variants are the CPU's own), on a GPU the float ones.
+DEFAULT_VARIANTS = {"cpu": [v for v in OURS_VARIANTS if v != "fp16"], "cuda": ["fp32", "bf16", "fp16"]}
+
+
+def vision_compute_dtype(variant: str) -> str:
+    """The dtype a variant's vision encoder computes in (its floor's matmul peak): lowmem stores bf16 but
+    computes fp32."""
+    return "fp16" if variant == "fp16" else "bf16" if variant in BF16_VISION else "fp32"
+
 
 # ---- 1. the checkpoint ---------------------------------------------------------------------------------
 
@@ -201,8 +216,8 @@ def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n = 4096 if device == "cuda" else 2048
     shapes = [(n, n, n), (257, 1408, 3 * 1408), (257, 1408, 6144), (257, 6144, 1408)]  # (rows, in, out)
-    if dtype == torch.bfloat16 and device == "cpu":  # without native bf16 it is emulated, up to 100x slower:
-        a = torch.randn(512, 512).bfloat16()  # then one small product says so, and 2 runs of each are enough
+    if dtype != torch.float32 and device == "cpu":  # without native bf16 / fp16 it is emulated, up to 100x slower:
+        a = torch.randn(512, 512).to(dtype)  # then one small product says so, and 2 runs of each are enough
         if 2 * 512 ** 3 / best_time(lambda: a @ a, 2, sync) / 1e9 < 100:
             repeats = 2
     best = 0.0
@@ -213,9 +228,10 @@ def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
     return best
 
 
-def measure_machine(device: str) -> dict:
-    return ({"matmul_fp32_gflops": matmul_peak(device, torch.float32),
-             "matmul_bf16_gflops": matmul_peak(device, torch.bfloat16)} | memory_bandwidth(device))
+def measure_machine(device: str, variants: list[str]) -> dict:
+    dtypes = {"fp32", "bf16"} | {vision_compute_dtype(v) for v in variants}  # fp16 only where a variant computes in it
+    return ({f"matmul_{d}_gflops": matmul_peak(device, FLOAT_DTYPES[d]) for d in ("fp32", "bf16", "fp16")
+             if d in dtypes} | memory_bandwidth(device))
 
 
 def memory_bandwidth(device: str) -> dict:
@@ -252,7 +268,7 @@ def lm_weight_bytes(shape: str, variant: str) -> float:
     if variant.startswith("int8"):  # the layers' matrices in int8, the head (the tied table) in fp16
         out_channels = s["lm_layers"] * (4 * D + F + D)  # one fp32 scale each
         return (matrices - V * D) * 1 + V * D * 2 + 4 * (out_channels + vectors)
-    size = 2 if variant == "bf16" else 4
+    size = 2 if variant in ("bf16", "fp16") else 4
     return (matrices + vectors) * size
 
 
@@ -326,7 +342,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
         transformers.logging.set_verbosity_error()
         baseline = rss_now_gb()
         start = time.perf_counter()
-        model = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=REFERENCE_DTYPES[variant],
+        model = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=FLOAT_DTYPES[variant],
                                                               device_map=device if device == "cuda" else None)
         model.eval()
     sync()
@@ -353,7 +369,7 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     # Xeon with AMX: fp32 185-300, bf16 624-2138 GFLOP/s), and a vision time is best compared with what the
     # machine gave then. Measured before it only, the peak missed fast phases that the vision runs met
     # (the fp32 ViT came out at 0.84x of its "floor").
-    peak_dtype = torch.bfloat16 if variant in BF16_VISION else torch.float32
+    peak_dtype = FLOAT_DTYPES[vision_compute_dtype(variant)]
     peaks = [matmul_peak(device, peak_dtype)]
     sample_peak = lambda: peaks.append(matmul_peak(device, peak_dtype, repeats=1))  # noqa: E731
 
@@ -385,7 +401,8 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
             query_tokens = model.query_tokens.expand(1, -1, -1)
             q = lambda: model.qformer(query_embeds=query_tokens, encoder_hidden_states=image)  # noqa: E731
             r["qformer_s"] = timed(q)
-            projected = model.language_projection(q().last_hidden_state)
+            # (in fp16 the reference keeps its Q-Former in fp32; its own generate casts the output like this)
+            projected = model.language_projection(q().last_hidden_state.to(model.language_projection.weight.dtype))
             ids = torch.tensor([[model.config.image_token_index] * model.config.num_query_tokens
                                 + [model.config.text_config.bos_token_id]], device=device)
             embeds = model.get_input_embeddings()(ids).clone()
@@ -433,6 +450,8 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
     r["peak_gflops"] = max(peaks)
     torch.save(logits.float().cpu(), out.with_suffix(".logits.pt"))
     r["run_peak_gb"] = rss_peak_gb()
+    if device == "cuda":  # on a GPU the weights live in its memory: its high-water mark over the whole run
+        r["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     r["pipeline_peak_gb"] = max(r["run_peak_gb"], r["load_peak_gb"])
     # The bandwidth again, in this process right after its decoding (the peak RSS is already taken): on a
     # shared machine it moves between runs (46 to 80 GB/s in one day here), and a decode time is best compared
@@ -508,12 +527,11 @@ def write_report(args, machine, runs, path):
     ours = {r["variant"]: r for r in results if r["impl"] == "ours" and "error" not in r}
     ref = {r["variant"]: r for r in results if r["impl"] == "reference" and "error" not in r}
     vflops = vision_flops(args.shape)
-    peak = {"fp32": machine["matmul_fp32_gflops"], "bf16": machine["matmul_bf16_gflops"]}
     floors = {}
     for v in ours:
-        vdt = "bf16" if v in BF16_VISION else "fp32"  # lowmem stores bf16 but computes fp32
-        read_gbs = ours[v].get("read_gbs", machine["read_gbs"])  # a run kept from before workers measured it
-        peak_gflops = ours[v].get("peak_gflops", peak[vdt])  # a run kept from before workers measured it
+        # (the parent's figures for a run kept from before the workers measured them)
+        read_gbs = ours[v].get("read_gbs", machine["read_gbs"])
+        peak_gflops = ours[v].get("peak_gflops", machine.get(f"matmul_{vision_compute_dtype(v)}_gflops"))
         floors[v] = {"vision_s": vflops / peak_gflops / 1e9,
                      "greedy_step_s": lm_weight_bytes(args.shape, v) / read_gbs / 1e9}
     rounds = (f" and of {args.rounds} rounds (the whole sequence of processes run {args.rounds} times: the "
@@ -538,11 +556,13 @@ def write_report(args, machine, runs, path):
         lines += [f"**Warning: {len(busy)} of the runs started on a busy machine (load average up to {max(busy):.1f} "
                   f"on {os.cpu_count()} cores, {args.threads} of them ours): other processes competed for the "
                   "cores, so times are inflated unevenly and ratios are unreliable.**", ""]
+    peaks = [d for d in ("fp32", "bf16", "fp16") if f"matmul_{d}_gflops" in machine]
     lines += ["## The machine (measured in this run)", "",
-              "| fp32 matmul | bf16 matmul | copy bandwidth (read + write) | read bandwidth (sum or matrix x vector) |",
-              "|---|---|---|---|",
-              f"| {machine['matmul_fp32_gflops']:.0f} GFLOP/s | {machine['matmul_bf16_gflops']:.0f} GFLOP/s | "
-              f"{machine['copy_gbs']:.1f} GB/s | {machine['read_gbs']:.1f} GB/s |", "",
+              "| " + " | ".join(f"{d} matmul" for d in peaks)
+              + " | copy bandwidth (read + write) | read bandwidth (sum or matrix x vector) |",
+              "|---" * (len(peaks) + 2) + "|",
+              "| " + " | ".join(f"{machine[f'matmul_{d}_gflops']:.0f} GFLOP/s" for d in peaks)
+              + f" | {machine['copy_gbs']:.1f} GB/s | {machine['read_gbs']:.1f} GB/s |", "",
               f"Floors: vision encode = {vflops / 1e9:.0f} GFLOP / matmul peak of the dtype it computes in, the "
               "best one measured in the variant's own process before and between its vision runs; decode per "
               "token = language-model weight bytes (layers + tied head) / read bandwidth, the one measured in the "
@@ -558,6 +578,8 @@ def write_report(args, machine, runs, path):
             ("caption, greedy, 20 tokens", "caption_greedy_s", "s"), ("caption, 5 beams, 20 tokens", "caption_beam_s", "s"),
             ("model bytes in memory", "model_gb", "GB"), ("peak RSS, load", "load_peak_gb", "GB"),
             ("peak RSS, whole pipeline", "pipeline_peak_gb", "GB")]
+    if args.device == "cuda":
+        rows.append(("peak GPU memory, whole pipeline", "gpu_peak_gb", "GB"))
     lines += ["## Ours vs the reference, same dtype", "",
               "int8 variants are compared with the reference in fp32.", ""]
     for v, r in ours.items():
@@ -576,7 +598,7 @@ def write_report(args, machine, runs, path):
     accuracy = {}
     if "fp32" in ours:
         for v, r in ours.items():
-            if v != "fp32" and v.startswith(("int8", "bf16")):
+            if v != "fp32" and v.startswith(("int8", "bf16", "fp16")):
                 accuracy[v] = logits_error(r["logits_file"], ours["fp32"]["logits_file"])
                 accuracy[v]["greedy_same"] = r["greedy_tokens"] == ours["fp32"]["greedy_tokens"]
     if "fp32" in ref and "fp32" in ours:
@@ -592,7 +614,7 @@ def write_report(args, machine, runs, path):
         lines.append("")
 
     lines += ["## Targets (issue 8, and issue 3's load benchmark)", "", "| target | figure | met? |", "|---|---|---|"]
-    lines += _targets(ours, ref, floors, accuracy)
+    lines += _targets(ours, ref, floors, accuracy, args.device)
     lines += ["", "## Runs", "", "| impl | variant | measured | load average at start | matmul peak around vision "
               "| read bandwidth after decoding | greedy caption tokens |", "|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -607,13 +629,18 @@ def write_report(args, machine, runs, path):
     path.write_text("\n".join(lines) + "\n")
 
 
-def _targets(ours, ref, floors, accuracy):
+GPU_STAGES = [("vision encode", "vision_s"), ("Q-Former", "qformer_s"), ("prefill", "prefill_s"),
+              ("decode per token", "greedy_step_s"), ("beam (5) step", "beam_step_s"),
+              ("greedy caption", "caption_greedy_s"), ("5-beam caption", "caption_beam_s")]
+
+
+def _targets(ours, ref, floors, accuracy, device):
     out = []
 
     def add(name, value, ok):
         out.append(f"| {name} | {value} | {'met' if ok else 'missed'} |")
 
-    for v in ("fp32", *BF16_VISION):
+    for v in ("fp32", *BF16_VISION, "fp16"):
         if v in ours:
             x = ours[v]["vision_s"] / floors[v]["vision_s"]
             add(f"vision encode within 1.2x of its compute floor ({v})", f"{x:.2f}x", x <= 1.2)
@@ -651,6 +678,12 @@ def _targets(ours, ref, floors, accuracy):
             x = best_ref_beam["caption_beam_s"] / r["caption_beam_s"]
             add(f"caption beam 5 >= 1.5x faster than the reference's best ({best_ref_beam['variant']}) ({v})",
                 f"{x:.2f}x", x >= 1.5)
+    if device == "cuda":
+        for v in ("bf16", "fp16"):
+            if v in ours and v in ref:
+                for label, key in GPU_STAGES:
+                    x = ours[v][key] / ref[v][key]
+                    add(f"GPU: {label} at least as fast as the reference ({v})", f"{x:.2f}x", x <= 1.0)
     for v in ("fp32", "bf16"):
         if v in ours:
             r = ours[v]
@@ -683,8 +716,10 @@ def _cpu_name():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="full")
-    parser.add_argument("--dtype", default=",".join(OURS_VARIANTS),
-                        help="comma-separated variants: " + ", ".join(OURS_VARIANTS))
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated variants: " + ", ".join(OURS_VARIANTS) + " (default: "
+                        + ",".join(DEFAULT_VARIANTS["cpu"]) + " on a CPU, " + ",".join(DEFAULT_VARIANTS["cuda"])
+                        + " on a GPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None,
@@ -698,12 +733,16 @@ def main():
                         help="also report the variants not measured now from their last runs (benchmarks/cache/runs)")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.dtype = args.dtype or ",".join(DEFAULT_VARIANTS[args.device])
     variants = [v.strip() for v in args.dtype.split(",") if v.strip()]
     unknown = [v for v in variants if v not in OURS_VARIANTS]
     if unknown:
         parser.error(f"unknown --dtype {unknown}; choose from {', '.join(OURS_VARIANTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and not args.no_reference and importlib.util.find_spec("accelerate") is None:
+        parser.error("--device cuda: the reference loads onto the GPU through `accelerate`: pip install accelerate "
+                     "(or --no-reference)")
     if args.device == "cuda":
         variants = [v for v in variants if not v.startswith("int8")]  # the int8 kernels here are CPU kernels
     args.repeats = args.repeats or (2 if args.shape == "full" else 3)
@@ -716,14 +755,14 @@ def main():
 
     torch.set_num_threads(args.threads)
     print(f"checkpoint: {build_checkpoint(args.shape)}", file=sys.stderr)
-    machine = measure_machine(args.device)
+    machine = measure_machine(args.device, variants)
     print(f"machine: {machine}", file=sys.stderr)
     results = []
     path = ROOT / "benchmarks" / ("RESULTS.md" if args.shape == "full" else f"RESULTS-{args.shape}.md")
     for _ in range(args.rounds):
         for v in variants:  # ours and the reference alternately, one process each; the report is rewritten as we go
             results.append(run_worker("ours", v, directory, args))
-            if v in REFERENCE_DTYPES and not args.no_reference:
+            if v in FLOAT_DTYPES and not args.no_reference:
                 results.append(run_worker("reference", v, directory, args))
             write_report(args, machine, results, path)
     if args.keep_runs:  # re-measure some variants, keep the others from their last run (marked in the report)
