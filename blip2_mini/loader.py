@@ -334,7 +334,7 @@ class _QuantizeWhileLoading:
     """load_model(quantize=...): the language model's Linear layers become Int8Linear as they are read, the
     same modules that quantize_language_model would make. Each weight is rounded to int8 when it is read and
     its module is built as soon as its bias is there too (the official files list `.bias` before `.weight`;
-    OPT's q, k and v projections, which become one matrix, once all three are there), so neither the float
+    layers stacked into one matrix, such as q, k and v, once all of them are there), so neither the float
     language model nor two copies of its int8 matrices (ours, and fbgemm's packed one) ever exist at once:
     peak memory stays at about the int8 model's size.
 
