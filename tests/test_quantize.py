@@ -15,27 +15,21 @@ the fp32 tokens in each row up to its first near-tie. (Measured: weight-only int
 one row and diverges in the other at a margin of 0.007.)
 """
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from blip2_mini import load_model
 from blip2_mini.model import OPTSession
 from blip2_mini.quantize import (HAS_INT8PACK, Int8Linear, dequantize_weight, linears_to_quantize,
                                  quantize_language_model, quantize_weight, store_head_in_fp16, use_packed_int8_kernel)
+from test_model import load_fixture  # the stored inputs and the reference's outputs of a fixture
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model" / "opt-base"
 TOLERANCE = {"float": (0.02, 0.05), "int8": (0.04, 0.10)}  # (relative error, max error / std of fp32 logits)
 MODES = ["float"] + (["int8"] if "fbgemm" in torch.backends.quantized.supported_engines else [])
 STEPS = 12
-
-
-def fixture_inputs(name="opt-base"):
-    stored = load_file(FIXTURE.parent / name / "reference.safetensors")
-    return {k[len("input."):]: v for k, v in stored.items() if k.startswith("input.")}
 
 
 def load(activations=None, quantize_head=False):
@@ -152,7 +146,7 @@ def test_bf16_block_kernel_computes_the_same_matmul_through_bf16(monkeypatch):
 @pytest.mark.parametrize("quantize_head", [False, True])
 @pytest.mark.parametrize("activations", MODES)
 def test_int8_logits_within_tolerance_of_fp32(activations, quantize_head):
-    inputs = fixture_inputs()
+    inputs = load_fixture("opt-base")[0]
     with torch.no_grad():
         fp32 = load()(**inputs)
         int8 = load(activations, quantize_head)(**inputs)
@@ -173,7 +167,7 @@ def test_int8_flan_t5_computes_with_the_rounded_weights(monkeypatch):
     monkeypatch.setattr("blip2_mini.quantize.use_packed_int8_kernel", lambda x, in_features: False)
     monkeypatch.setattr("blip2_mini.quantize.block_kernel_dtype", lambda x: x.dtype)  # fp32 blocks
     t5 = FIXTURE.parent / "t5-base"
-    inputs = fixture_inputs("t5-base")
+    inputs = load_fixture("t5-base")[0]
     rounded = load_model(t5, progress=False)
     with torch.no_grad():
         for _, linear in linears_to_quantize(rounded.language_model):
@@ -209,7 +203,7 @@ def greedy_path_with_margins(model, pixel_values, forced=None):
 
 @pytest.mark.parametrize("activations", MODES)
 def test_int8_greedy_tokens_equal_fp32(activations):
-    pixel_values = fixture_inputs()["pixel_values"]
+    pixel_values = load_fixture("opt-base")[0]["pixel_values"]
     fp32_model, int8_model = load(), load(activations)
     tokens, margins = greedy_path_with_margins(fp32_model, pixel_values)
     relative, _ = TOLERANCE[activations]
@@ -345,7 +339,7 @@ def test_quantized_model_multiplies_stacked_matrices(activations, name):
         owner, _, slot = stacked.rpartition(".")
         assert all(isinstance(apart.language_model.get_submodule(p), Int8Linear) for p in parts)
         setattr(apart.language_model.get_submodule(owner), slot, None)
-    inputs = fixture_inputs(name)
+    inputs = load_fixture(name)[0]
     with torch.no_grad():
         a, b = fused(**inputs), apart(**inputs)
     if fused.language_model.get_submodule(next(iter(expected))).packed is not None:  # fbgemm: integer sums
@@ -381,7 +375,7 @@ def test_vision_stored_in_bf16_computes_like_fp32_with_rounded_weights(loaded_as
     assert len(linears) == 4 * stored.config.vision_config.num_hidden_layers
     assert {p.dtype for p in stored.vision_model.parameters()} == {torch.float32}
     assert all(m.weight_bf16.dtype == torch.bfloat16 for m in linears)
-    pixel_values = load_file(FIXTURE / "reference.safetensors")["input.pixel_values"]
+    pixel_values = load_fixture("opt-base")[0]["pixel_values"]
     with torch.no_grad():
         got, want = stored.encode_image(pixel_values), rounded.encode_image(pixel_values)
     assert got.dtype == torch.float32
