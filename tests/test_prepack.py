@@ -1,0 +1,89 @@
+"""cpu.PackedLinear and load(..., prepack=True): weights in oneDNN's blocked layout compute what the plain Linear
+layers compute. Every stage against the reference fixtures at fp32's tolerance, every generation case token for
+token, the layer itself against a float64 product, and a packed layer moved to another dtype or device unpacks
+to exactly the weight it was given."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import blip2_mini
+from blip2_mini.cpu import PackedLinear, can_prepack, packable_linears
+from blip2_mini.loader import PREPACKED_STAGES, load_model
+from stages import compare_stages, our_stages
+from test_generate import cases, run_case
+from test_model import FIXTURES, NAMES, load_fixture
+
+pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="PyTorch was built without oneDNN")
+DTYPES = [torch.float32] + ([torch.bfloat16] if can_prepack(torch.bfloat16) else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 40), (5, 40), (2, 33, 40), (1, 257, 40)])  # a token, 5 beams, prompts, ViT
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_layer_computes_the_linear_product(dtype, shape, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 96, bias=bias).to(dtype).requires_grad_(False)
+    x = torch.randn(shape).to(dtype)
+    exact = torch.nn.functional.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
+    packed = PackedLinear(linear)(x)
+    assert packed.dtype == dtype and packed.shape == exact.shape
+    # fp32: rounding of the sums only; bf16: the output's rounding to 8 bits (2**-8 relative), as F.linear's
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((packed.double() - exact).abs() <= tol * exact.abs().max()).all()
+    if dtype == torch.float32:
+        assert (packed - linear(x)).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("move", [{"dtype": torch.bfloat16}, {"device": "meta"}, {"dtype": torch.float64}])
+def test_moving_a_packed_layer_unpacks_it(move):
+    """.to() of another dtype or device hands the weight back in the plain layout (oneDNN's lives on the CPU in
+    one dtype): exactly the weight it was given, cast as nn.Linear's .to() would cast it."""
+    linear = nn.Linear(40, 96).requires_grad_(False)
+    layer = PackedLinear(linear)
+    layer.to(torch.float32).to("cpu")  # no change of dtype or device: stays packed
+    assert layer.packed is not None and layer.weight is None
+    layer.to(**move)
+    expected = linear.weight.to(**move)
+    assert layer.packed is None and layer.weight.dtype == expected.dtype and layer.weight.device == expected.device
+    if expected.device.type == "cpu":
+        assert torch.equal(layer.weight, expected)
+        plain = nn.Linear(40, 96).to(**move).requires_grad_(False)
+        plain.load_state_dict({"weight": expected, "bias": linear.bias.to(**move)})
+        x = torch.randn(3, 40, dtype=expected.dtype)
+        assert torch.equal(layer(x), plain(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prepacked_model_matches_reference_at_every_stage(name):
+    inputs, reference, meta = load_fixture(name)
+    model = load_model(FIXTURES / name, progress=False, prepack=True)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) >= 8 and packable_linears(model, PREPACKED_STAGES) == []  # every one it could pack
+    ours = our_stages(model, **inputs, interpolate_pos_encoding=meta["interpolate_pos_encoding"])
+    compare_stages(ours, reference, inputs.get("attention_mask"), atol=1e-5, rtol=2e-5)  # as test_model's
+
+
+def test_tied_head_is_not_packed():
+    """T5's output head shares the embedding table: packing it would keep a second copy, so it stays a Linear."""
+    model = load_model(FIXTURES / "t5-base", progress=False, prepack=True)
+    lm = model.language_model
+    assert type(lm.lm_head) is nn.Linear and lm.lm_head.weight.data_ptr() == lm.shared.weight.data_ptr()
+    assert isinstance(lm.encoder.layers[0].ffn.wo, PackedLinear)
+
+
+@pytest.mark.parametrize("name", ["opt-base", "t5-base"])
+@pytest.mark.parametrize("case_name", cases())
+def test_prepacked_generate_matches_reference_tokens(name, case_name):
+    import hf_models_cases
+
+    inputs, reference, meta = load_fixture(name)
+    model = load_model(FIXTURES / name, progress=False, prepack=True)
+    ids = run_case(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                   hf_models_cases.GENERATION_CASES[case_name])
+    assert ids.tolist() == meta["generate"][case_name]
+
+
+def test_prepack_is_for_cpus():
+    with pytest.raises(ValueError, match="prepack=True is for CPUs"):
+        blip2_mini.load(FIXTURES / "opt-base", device="meta", prepack=True, progress=False)
