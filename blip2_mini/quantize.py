@@ -118,7 +118,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu import INTEL, cpu_multiplies_bf16_faster
+from .cpu import INTEL, PackedLinear, cpu_multiplies_bf16_faster
 
 INT8_MAX = 127
 # Weight-only block kernel: rows of q converted to float per block, sized to stay in the CPU cache (fp32: 4 MiB,
@@ -446,6 +446,9 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
         raise ValueError("quantize: this checkpoint has no language model (a retrieval checkpoint)")
     if any(isinstance(m, (Int8Linear, Int8Embedding, Fp16Linear)) for m in lm.modules()):
         raise ValueError("quantize: the language model is already quantized")
+    if any(isinstance(m, PackedLinear) for m in lm.modules()):
+        raise ValueError("quantize: the language model's weights are packed for oneDNN (prepack=True); quantize a "
+                         "model loaded without it, or load(path, quantize=..., prepack=True)")
     if activations not in ("float", "int8"):
         raise ValueError(f"quantize: activations must be 'float' (weight-only) or 'int8', got {activations!r}")
 
@@ -517,6 +520,9 @@ def store_vision_in_bf16(model: nn.Module) -> nn.Module:
     encoder was loaded in fp32 or bf16 (e.g. load_model(..., dtype_policy={"vision_model": torch.bfloat16})).
     """
     vision = model.vision_model
+    if any(isinstance(m, PackedLinear) for m in vision.modules()):
+        raise ValueError("store_vision_in_bf16: the vision encoder's weights are packed for oneDNN (prepack=True); "
+                         "load the model without prepack (a bf16-stored ViT computes in fp32: nothing to pack)")
     for name, linear in [(n, m) for n, m in vision.named_modules() if isinstance(m, nn.Linear)]:
         replace_module(vision, name, Bf16Linear(linear))
         linear.weight = None  # release the float weight now rather than at the end

@@ -87,3 +87,30 @@ def test_prepacked_generate_matches_reference_tokens(name, case_name):
 def test_prepack_is_for_cpus():
     with pytest.raises(ValueError, match="prepack=True is for CPUs"):
         blip2_mini.load(FIXTURES / "opt-base", device="meta", prepack=True, progress=False)
+
+
+def test_quantize_and_bf16_storage_refuse_packed_layers():
+    """Both replace nn.Linear layers: on packed ones they would silently do nothing, so they say what to do."""
+    from blip2_mini.quantize import quantize_language_model, store_vision_in_bf16
+
+    model = load_model(FIXTURES / "opt-base", progress=False, prepack=True)
+    with pytest.raises(ValueError, match="quantize: .*packed for oneDNN.*load\\(path, quantize=..., prepack=True\\)"):
+        quantize_language_model(model)
+    with pytest.raises(ValueError, match="store_vision_in_bf16: .*packed for oneDNN"):
+        store_vision_in_bf16(model)
+
+
+def test_quantized_load_packs_the_float_stages_only():
+    """load(quantize=..., prepack=True): the int8 language model as quantize makes it, the ViT packed; the
+    logits are those of the unpacked quantized model."""
+    from blip2_mini.quantize import Int8Linear
+
+    inputs, _, _ = load_fixture("opt-base")
+    plain = load_model(FIXTURES / "opt-base", progress=False, quantize="int8-dynamic")
+    packed = load_model(FIXTURES / "opt-base", progress=False, quantize="int8-dynamic", prepack=True)
+    vision = list(packed.vision_model.modules())
+    assert any(isinstance(m, PackedLinear) for m in vision) and not any(isinstance(m, nn.Linear) for m in vision)
+    assert not any(isinstance(m, PackedLinear) for m in packed.language_model.modules())
+    assert any(isinstance(m, Int8Linear) for m in packed.language_model.modules())
+    with torch.no_grad():
+        assert (packed(**inputs) - plain(**inputs)).abs().max() < 1e-4
