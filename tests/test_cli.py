@@ -115,7 +115,7 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--weights", "--prompt", "--num-beams", "--max-new-tokens", "--min-new-tokens", "--length-penalty",
                    "--repetition-penalty", "--sample", "--temperature", "--top-k", "--top-p", "--seed", "--dtype",
-                   "--device", "--quantize", "--batch-size", "--json"):
+                   "--device", "--quantize", "--prepack", "--batch-size", "--json"):
         assert option in text, option
 
 
@@ -138,6 +138,26 @@ def test_caption_quantize_option_gives_the_quantized_models_tokens(capsys, mode,
     inputs = processor(images=load_image(EXAMPLES / "shapes.png"))
     expected = model.generate(**inputs, max_new_tokens=12)[0].tolist()
     assert json.loads(out)["token_ids"] == expected
+
+
+def test_caption_prepack_option_packs_and_gives_the_same_tokens(capsys, monkeypatch):
+    from blip2_mini.cpu import PackedLinear
+
+    loaded, load = [], cli.load_checkpoint
+
+    def keep_what_was_loaded(args):
+        loaded.append(load(args))
+        return loaded[-1]
+
+    monkeypatch.setattr(cli, "load_checkpoint", keep_what_was_loaded)
+    args = ["caption", EXAMPLES / "shapes.png", "--weights", PIPELINES / "opt-pipeline", "--json",
+            "--max-new-tokens", "12", "--num-beams", "2"]
+    status, out, err = run(capsys, *args, "--prepack")
+    assert status == 0, err
+    assert any(isinstance(m, PackedLinear) for m in loaded[-1][0].modules())
+    status, plain, _ = run(capsys, *args)
+    assert status == 0 and not any(isinstance(m, PackedLinear) for m in loaded[-1][0].modules())
+    assert json.loads(out)["token_ids"] == json.loads(plain)["token_ids"]
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
