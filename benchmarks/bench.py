@@ -338,9 +338,9 @@ def worker(impl: str, variant: str, directory: Path, device: str, threads: int, 
         from blip2_mini.quantize import store_vision_in_bf16
         dtype, policy, quantize, vision_bf16 = OURS_VARIANTS[variant]
 
-        def load(prepack):
+        def load(prepack):  # (lowmem's ViT computes in fp32 from bf16 weights, Bf16Linear: nothing to pack)
             model = load_model(directory, dtype=dtype, device=device, dtype_policy=policy, progress=False,
-                               quantize=quantize, prepack=prepack)
+                               quantize=quantize, prepack=prepack and not vision_bf16)
             return store_vision_in_bf16(model) if vision_bf16 else model
 
         baseline = rss_now_gb()
