@@ -83,7 +83,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = linear.weight.shape
         self.dtype = linear.weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.ROWS_HINT)  # opaque
-        self.weight = None  # set when unpacked (_apply)
+        self.register_parameter("weight", None)  # the plain (O, I) weight once unpacked (_apply)
         self.bias = linear.bias  # (O,) or None, a parameter as in nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -511,9 +511,13 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
             release()               # other mapped tensors are simply read again from the file when used
     del filled  # the model holds the tensors now: packing one may then free its plain copy
     if prepack:  # the Linear layers of the two large stages (98 % of the weights; the Q-Former and projections
-        # stay plain) copied into oneDNN's layout, one at a time; a weight still mapped gives its pages back
-        cpu_prepack(model, PREPACKED_STAGES, after_each=lambda name: mapped.pop(f"{name}.weight", lambda: None)())
-        _return_freed_memory()  # the plain copies' holes (as after quantizing while loading)
+        # stay plain) copied into oneDNN's layout, one at a time
+        def packed(name):
+            mapped.pop(f"{name}.weight", lambda: None)()  # a weight still read from the file: its pages back
+            _return_freed_memory()  # a cast copy: freed into a hole of the heap, which stays counted until
+            # returned (measured: +0.6-0.9 GB at the peak for a bf16 ViT; each call takes well under 1 ms)
+
+        cpu_prepack(model, PREPACKED_STAGES, after_each=packed)
     return model.eval()
 
 
