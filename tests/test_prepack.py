@@ -64,6 +64,19 @@ def test_prepacked_model_matches_reference_at_every_stage(name):
     compare_stages(ours, reference, inputs.get("attention_mask"), atol=1e-5, rtol=2e-5)  # as test_model's
 
 
+@pytest.mark.skipif(torch.bfloat16 not in DTYPES, reason="no bf16 instructions for oneDNN on this CPU")
+def test_prepacked_bf16_model_computes_the_bf16_models_logits():
+    """In bf16 the packed and the plain layers round the same products: the logits differ by the order of the
+    float sums at most (a few bf16 steps), far inside the bf16-vs-fp32 tolerance of test_model."""
+    inputs, reference, _ = load_fixture("opt-base")
+    with torch.no_grad():
+        plain = load_model(FIXTURES / "opt-base", dtype=torch.bfloat16, progress=False)(**inputs).float()
+        packed = load_model(FIXTURES / "opt-base", dtype=torch.bfloat16, progress=False, prepack=True)(**inputs)
+    assert packed.dtype == torch.bfloat16
+    mask = inputs["attention_mask"][..., None]
+    assert ((packed.float() - plain).abs() * mask).max() <= 0.01 * reference["logits"].abs().max()
+
+
 def test_tied_head_is_not_packed():
     """T5's output head shares the embedding table: packing it would keep a second copy, so it stays a Linear."""
     model = load_model(FIXTURES / "t5-base", progress=False, prepack=True)
