@@ -9,16 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from blip2_mini.cpu import can_prepack
 from blip2_mini.decode import generate_naive
 from blip2_mini.loader import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model"
+# load(..., prepack=True) (cpu.PackedLinear) must give the same tokens
+PREPACK = [False, pytest.param(True, marks=pytest.mark.skipif(not can_prepack(torch.float32), reason="no oneDNN"))]
 
 
-def fixture(name):
+def fixture(name, prepack=False):
     stored = load_file(FIXTURES / name / "reference.safetensors")
     meta = json.loads((FIXTURES / name / "reference.json").read_text())
-    return load_model(FIXTURES / name, progress=False), stored, meta["generate"]
+    return load_model(FIXTURES / name, progress=False, prepack=prepack), stored, meta["generate"]
 
 
 def run_case(model, pixel_values, input_ids, attention_mask, case: dict):
@@ -33,12 +36,13 @@ def cases():
     return sorted(from_json)
 
 
+@pytest.mark.parametrize("prepack", PREPACK)
 @pytest.mark.parametrize("name", ["opt-base", "t5-base"])
 @pytest.mark.parametrize("case_name", cases())
-def test_generate_matches_reference_tokens(name, case_name):
+def test_generate_matches_reference_tokens(name, case_name, prepack):
     import hf_models_cases  # the case definitions, importable without transformers
 
-    model, stored, expected = fixture(name)
+    model, stored, expected = fixture(name, prepack)
     ids = run_case(model, stored["input.pixel_values"], stored["input.input_ids"], stored["input.attention_mask"],
                    hf_models_cases.GENERATION_CASES[case_name])
     assert ids.tolist() == expected[case_name]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from blip2_mini.loader import load_model
 from stages import compare_stages, our_stages
+from test_generate import PREPACK
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.safetensors").exists())
@@ -28,10 +29,11 @@ def test_fixtures_cover_every_family():
     assert families == {"opt", "t5", "itm"}
 
 
+@pytest.mark.parametrize("prepack", PREPACK)  # cpu.PackedLinear must compute the same stages
 @pytest.mark.parametrize("name", NAMES)
-def test_every_stage_matches_reference(name):
+def test_every_stage_matches_reference(name, prepack):
     inputs, reference, meta = load_fixture(name)
-    model = load_model(FIXTURES / name, progress=False)
+    model = load_model(FIXTURES / name, progress=False, prepack=prepack)
     ours = our_stages(model, **inputs, interpolate_pos_encoding=meta["interpolate_pos_encoding"])
     # 1e-5, plus 2e-5 relative to the stage's largest value: fp32 sums in another order (another thread count
     # than the fixture's) move T5's unscaled logits (|x| ~ 17) by ~2e-4, every other stage by < 1e-5.
