@@ -8,6 +8,7 @@ several times slower. The vendor is read once; bf16 speed is measured rather tha
 instruction-set flags.
 """
 
+import collections
 import functools
 import time
 
@@ -111,9 +112,7 @@ def packable_linears(model: nn.Module, within: tuple[str, ...] = ("",)) -> list[
     """The (name, module) pairs of `model`'s Linear layers, under one of the name prefixes `within`, that
     PackedLinear can hold: on the CPU, in a dtype can_prepack accepts, and with a weight no other parameter
     shares (T5's output head may be its embedding table; packing it would keep two copies)."""
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
+    uses = collections.Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.startswith(within) and m.weight.device.type == "cpu"
             and can_prepack(m.weight.dtype) and uses[m.weight.data_ptr()] == 1]
