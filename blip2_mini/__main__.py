@@ -184,8 +184,8 @@ def read_images(paths):
     for path in paths:
         try:
             loaded.append((path, load_image(path)))
-        except (OSError, ValueError) as e:
-            failed.append((path, str(e).splitlines()[0]))
+        except (OSError, ValueError) as e:  # load_image's messages start with the path: printed once by callers
+            failed.append((path, str(e).splitlines()[0].removeprefix(f"{path}: ")))
     return loaded, failed
 
 
