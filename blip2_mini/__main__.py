@@ -18,6 +18,14 @@ class UsageError(Exception):
     """A problem with what the user asked for: one line on stderr, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error in the arguments is one line, like every other usage error here (argparse's own
+    prints the whole usage block first, which buries the line that matters)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 # ---- arguments -------------------------------------------------------------------------------------------
 
 
@@ -73,7 +81,7 @@ def add_generation_options(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m blip2_mini", description="BLIP-2 from scratch: caption, "
+    parser = OneLineParser(prog="python -m blip2_mini", description="BLIP-2 from scratch: caption, "
                                      "question and match images with the official checkpoints or the toy model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
