@@ -3,10 +3,11 @@
     python benchmarks/bench.py [--shape full|quarter|tiny]
                                [--dtype fp32,bf16,int8,...  (default: the variants below; on a GPU
                                                               fp32,bf16,fp16)]
-                               [--device cpu|cuda] [--threads 2] [--rounds 1] [--no-reference]
+                               [--device cpu|cuda] [--threads 2] [--rounds 1] [--repeats N] [--no-reference]
+                               [--keep-runs]
 
 What it does, in one run:
-1. Builds once (cached under benchmarks/cache/<shape>/) a blip2-opt-2.7b-shaped checkpoint with random weights
+1. Builds once (cached under benchmarks/cache/blip2-opt-2.7b-<shape>/) a blip2-opt-2.7b-shaped checkpoint with random weights
    in the official layout: fp32, sharded at 2 GB with `model.safetensors.index.json`, the names and key set
    that `transformers`' save_pretrained writes (the tied OPT head is not stored). `full` is the published
    shape (ViT-g 39 x 1408, Q-Former 12 x 768 with 32 queries, OPT 32 x 2560, vocab 50304, 15.5 GB);
@@ -760,7 +761,7 @@ def main():
                              "and at the full shape for at least 15 s each)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the whole sequence this many times and keep each stage's best (a shared machine's "
-                             "speed drifts over minutes; RESULTS.md: 2)")
+                             "speed drifts over minutes; RESULTS.md: 3, see its header)")
     parser.add_argument("--no-reference", action="store_true", help="measure blip2_mini only")
     parser.add_argument("--keep-runs", action="store_true",
                         help="also report the variants not measured now from their last runs (benchmarks/cache/runs)")

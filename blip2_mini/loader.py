@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .config import Blip2Config, ConfigError
-from .cpu import cpu_multiplies_bf16_faster  # also importable from here (README)
+from .cpu import cpu_multiplies_bf16_faster
 from .cpu import prepack as cpu_prepack
 from .model import Blip2
 from .quantize import (Int8Linear, fused_projections, linears_to_quantize, packs_for_fbgemm, quantize_weight,
@@ -403,8 +403,8 @@ class _QuantizeWhileLoading:
 def auto_dtype(device="cpu") -> tuple[torch.dtype, dict | None]:
     """(dtype, dtype_policy) that fit the hardware, for load(..., dtype=..., dtype_policy=...) and the command
     line's `--dtype auto`. A GPU: bf16 everywhere (fp16 where bf16 is not supported). A CPU that multiplies
-    bf16 natively: the compute-bound stages, the ViT and the language model's prompt pass, in bf16, and the
-    small Q-Former in fp32, as the paper keeps it (blip2-opt-2.7b's shape, 2 threads, all in bf16: caption
+    bf16 natively: the ViT and the language model in bf16 (the prompt pass is compute-bound; decoding reads
+    half of fp32's bytes), and the small Q-Former in fp32, as the paper keeps it (blip2-opt-2.7b's shape, 2 threads, all in bf16: caption
     5.7 s instead of 8.6 s in fp32, benchmarks/RESULTS.md). Any other CPU: fp32, which it computes fastest.
     Fewer bytes per weight for decoding is quantization (load(quantize=...)), which changes the numbers a
     little, so it is left to the caller."""

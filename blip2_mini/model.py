@@ -136,7 +136,9 @@ class Blip2(nn.Module):
                  repetition_penalty=1.0, num_return_sequences=1, eos_token_id=None, generator=None,
                  interpolate_pos_encoding=False):
         """Caption / answer: returns only the new tokens, (B * num_return_sequences, T_new), padded with the
-        pad id after EOS. `input_ids` as the checkpoint's processor lays them out; None = plain captioning."""
+        pad id after EOS. `input_ids` as the checkpoint's processor lays them out; None = plain captioning.
+        `eos_token_id` None = the checkpoint's end token (decode.generate's None, no stopping, is not offered:
+        min_new_tokens=max_new_tokens forces the length)."""
         if self.language_model is None:
             raise ValueError("this is a retrieval checkpoint (no language model): it cannot generate text")
         text_cfg = self.config.text_config
