@@ -193,7 +193,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
                         help="output directory (stage-2 model); the stage-1 model goes to OUT-itm "
                              f"(default {DEFAULT_WEIGHTS})")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny data, few steps)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (tiny data, few steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
     parser.add_argument("--no-ablation", action="store_true", help="skip stage 2 without stage 1")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
