@@ -126,6 +126,8 @@ class Blip2Config:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "Blip2Config":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: not a JSON object ({{...}}); is this a BLIP-2 config.json?")
         model_type = raw.get("model_type")
         if model_type != "blip-2":
             raise ConfigError(
@@ -139,7 +141,7 @@ class Blip2Config:
 
         text = raw.get("text_config")
         text_type = (text or {}).get("model_type")
-        if "Blip2ForImageTextRetrieval" in raw.get("architectures", []) or not text:
+        if "Blip2ForImageTextRetrieval" in (raw.get("architectures") or []) or not text:
             # Retrieval checkpoints (blip2-itm-vit-g) have no language model; their config.json may still carry
             # a default text_config, which the reference ignores for this architecture too.
             text_config = None
@@ -164,6 +166,7 @@ class Blip2Config:
             raise ConfigError(f"{source}: text_config.model_type {text_type!r} is not supported (expected 'opt' or 't5')")
 
         top = {k: raw[k] for k in ("num_query_tokens", "image_text_hidden_size", "image_token_index") if k in raw}
+        _check_types(cls, top, source)
         return cls(vision_config=vision, qformer_config=qformer, text_config=text_config, **top)
 
     def to_dict(self) -> dict:
@@ -209,4 +212,23 @@ def _build(cls, section: dict | None, where: str):
             kwargs[key] = h
     if kwargs.get("num_decoder_layers", 0) is None:  # T5: None means "as many as the encoder"
         kwargs["num_decoder_layers"] = kwargs["num_layers"]
+    _check_types(cls, kwargs, where)
     return cls(**kwargs)
+
+
+def _check_types(cls, values: dict, where: str):
+    """A field of the wrong JSON type, or a size below 1, in one line here rather than deep inside torch when
+    the modules are built. The type is the dataclass default's (an int where 32.0 is written is refused; a float
+    field takes an int); None is left alone (some files write null for unused ids). Sizes are every int field
+    but the token ids."""
+    for f in fields(cls):
+        value, kind = values.get(f.name), type(f.default)
+        if value is None or kind not in (int, float, bool, str):
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}: {f.name} is {value!r}, expected {'an' if kind is int else 'a'} {kind.__name__}")
+        if kind is int and not f.name.endswith(("token_id", "token_index")) and value < 1:
+            raise ConfigError(f"{where}: {f.name} must be at least 1, got {value}")

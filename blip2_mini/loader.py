@@ -21,12 +21,14 @@ memory-mapped file, cast to its target dtype and moved to the target device one 
 is about the loaded model's size and a GPU user never holds a CPU copy of the whole model. A tensor that is
 already in its target dtype, on the CPU, is not copied at all: the parameter *is* the file's bytes (a private,
 copy-on-write mapping, so the file never changes), paged in by the OS when first used -- the reason an fp32
-checkpoint "loads" in about a second.
+checkpoint "loads" in about a second. The other direction does not hold: a file overwritten in place while a
+process uses it changes that process's weights (the OS reads the pages again from the file).
 """
 
 import ctypes
 import json
 import mmap
+import pickle
 import re
 import sys
 import time
@@ -164,24 +166,29 @@ def official_to_ours(name: str) -> str | None:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The weight files of a checkpoint directory, in the official precedence order."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = directory / index_name
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid index file ({e.__class__.__name__}); "
-                                      "re-download it") from None
-            files = [directory / name for name in sorted(set(weight_map.values()))]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise CheckpointError(f"{directory}: the index names {len(missing)} shard(s) that are not there "
-                                      f"({', '.join(missing[:3])}); the download is incomplete, download it again")
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / single).exists():
-            return [directory / single]
+    """The weight files of a checkpoint directory, in the reference's precedence order: one model.safetensors,
+    safetensors shards (their index), one pytorch_model.bin, .bin shards (their index)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        path = directory / name
+        if not path.exists():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not all(isinstance(shard, str) and Path(shard).name == shard for shard in shards):
+                raise TypeError("shard names must be file names in this directory")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a valid index file ({e.__class__.__name__}); "
+                                  "re-download it") from None
+        files = [directory / shard for shard in shards]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{directory}: the index names {len(missing)} shard(s) that are not there "
+                                  f"({', '.join(missing[:3])}); the download is incomplete, download it again")
+        return files
     raise CheckpointError(f"{directory}: no weights found (expected model.safetensors, sharded "
                           "model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
 
@@ -214,6 +221,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise CheckpointError(corrupt.format("header is not JSON")) from None
+            if not isinstance(header, dict):
+                raise CheckpointError(corrupt.format("header is not a JSON object"))
             self.buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
         self.start = 8 + n
         self.entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
@@ -224,6 +233,8 @@ class SafetensorsFile:
                 numel = 1
                 for d in entry["shape"]:
                     numel *= d
+                if not all(type(x) is int and x >= 0 for x in (*entry["shape"], begin, end)):
+                    raise ValueError("sizes and offsets are natural numbers")
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(corrupt.format(f"bad header entry for {name}")) from None
             if end - begin != numel * dtype.itemsize or not 0 <= begin <= end <= size - self.start:
@@ -260,9 +271,15 @@ def iter_tensors(path: Path):
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a truncated zip, or a pickle with non-tensor objects (refused by weights_only)
-        raise CheckpointError(f"{path}: cannot read it safely ({str(e).splitlines()[0][:200]}); "
+    except pickle.UnpicklingError:  # weights_only met an object other than tensors and plain containers
+        raise CheckpointError(f"{path}: holds pickled Python objects other than tensors; refusing to unpickle them "
+                              "(unpickling can run any code); use the checkpoint's .safetensors files") from None
+    except Exception as e:  # a truncated or corrupt zip
+        raise CheckpointError(f"{path}: cannot read it ({str(e).splitlines()[0][:200]}); "
                               "download it again or convert it to safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: not a state dict (names -> tensors); is this a BLIP-2 checkpoint file?")
     for name, tensor in state.items():
         yield name, tensor, lambda: None
 
@@ -422,12 +439,7 @@ PREPACKED_STAGES = ("vision_model.", "language_model.")  # load(..., prepack=Tru
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: dict | None = None,
                progress: bool = True, quantize: str | None = None, prepack: bool = False) -> Blip2:
     """Build a Blip2 from a checkpoint directory. See `load` for the arguments."""
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} or None, got {quantize!r}")
-    if quantize is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"quantize={quantize!r} is for CPUs (int8 kernels); on {device} use dtype=torch.bfloat16")
-    if prepack and torch.device(device).type != "cpu":
-        raise ValueError(f"prepack=True is for CPUs (oneDNN's weight layout); on {device} leave it False")
+    dtype, dtype_policy, device = _checked_options(dtype, dtype_policy, device, quantize, prepack)
     directory = Path(path)
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such directory; download a checkpoint (see weights/README.md)")
@@ -438,10 +450,16 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     files = weight_files(directory)
-    device = torch.device(device)
-
-    model = build_skeleton(config)
+    try:
+        model = build_skeleton(config)
+    except ValueError as e:  # sizes the modules refuse (heads that do not divide the width, ...)
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
     expected = dict(model.named_parameters())
+    for prefix in dtype_policy or {}:
+        if not any(name == prefix or name.startswith(prefix.rstrip(".") + ".") for name in expected):
+            raise ValueError(f"dtype_policy: {prefix!r} matches no parameter; use blip2_mini's stage names "
+                             "(vision_model, query_tokens, qformer, language_projection, language_model) or "
+                             "longer prefixes of model.named_parameters()")
     int8, after_head = None, []
     mapped = {}  # our name -> release() of a weight still read from the file (prepack)
     if quantize is not None:
@@ -455,17 +473,20 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
 
     for file in files:
         for name, tensor, release in iter_tensors(file):
-            if SKIPPED.match(name) or (name == OPT_TIED_HEAD and config.use_decoder_only_language_model):
+            if SKIPPED.match(name) or (name == OPT_TIED_HEAD and config.use_decoder_only_language_model
+                                       and config.text_config.tie_word_embeddings):
                 continue
             renamed = _special_case(name, tensor)
             if renamed is None:
-                ours = official_to_ours(name)
-                renamed = [(ours, tensor)] if ours in expected else []
-            if not renamed:
+                renamed = [(official_to_ours(name), tensor)]
+            if not renamed or any(ours not in expected for ours, _ in renamed):
                 unexpected.append(name)
                 continue
             for ours, t in renamed:
-                if tuple(t.shape) != tuple(expected[ours].shape):
+                if not t.is_floating_point() or t.layout != torch.strided:  # every parameter is a dense float
+                    mismatched.append(f"{name}: stored as {t.dtype}, expected a float tensor")
+                    filled[ours] = None
+                elif tuple(t.shape) != tuple(expected[ours].shape):
                     mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[ours].shape)}")
                     filled[ours] = None  # reported as a mismatch, not also as missing
                 elif ours in filled:
@@ -521,6 +542,41 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
     return model.eval()
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _checked_options(dtype, dtype_policy, device, quantize, prepack):
+    """The options of load_model, checked before anything is read: (dtype, dtype_policy, torch.device), with
+    dtype names ("bfloat16", as transformers accepts them) turned into torch dtypes; else one ValueError."""
+    def float_dtype(value, what):
+        named = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+        if named not in FLOAT_DTYPES:
+            hint = '; for int8 weights use quantize="int8"' if named in (torch.int8, torch.uint8) else ""
+            raise ValueError(f"{what} must be a float dtype (torch.float32, torch.bfloat16, torch.float16), "
+                             f"got {value!r}{hint}")
+        return named
+
+    dtype = float_dtype(dtype, "dtype")
+    if dtype_policy is not None:
+        if not isinstance(dtype_policy, dict) or not all(isinstance(k, str) for k in dtype_policy):
+            raise ValueError(f"dtype_policy must be a dict {{stage name: dtype}}, e.g. "
+                             f"{{'vision_model': torch.bfloat16}}; got {dtype_policy!r}")
+        dtype_policy = {k: float_dtype(v, f"dtype_policy[{k!r}]") for k, v in dtype_policy.items()}
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA device here (torch.cuda.is_available() is False); use 'cpu'")
+    if quantize is not None and (not isinstance(quantize, str) or quantize not in QUANTIZE_MODES):
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} or None, got {quantize!r}")
+    if quantize is not None and device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} is for CPUs (int8 kernels); on {device} use dtype=torch.bfloat16")
+    if prepack and device.type != "cpu":
+        raise ValueError(f"prepack=True is for CPUs (oneDNN's weight layout); on {device} leave it False")
+    return dtype, dtype_policy, device
+
+
 def _return_freed_memory():
     """Hand memory that was freed back to the OS (glibc's malloc_trim; elsewhere nothing). Quantizing while
     loading allocates and frees many block-sized temporaries between long-lived int8 matrices; the holes they
@@ -543,7 +599,8 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: d
          progress: bool = True, quantize: str | None = None, prepack: bool = False):
     """Load an official BLIP-2 checkpoint directory: returns (model, processor).
 
-    dtype         the dtype of the weights in memory (float32, bfloat16, float16). With float16 the Q-Former
+    dtype         the dtype of the weights in memory: torch.float32, bfloat16 or float16 (or its name, "bfloat16",
+                  as transformers accepts it). With float16 the Q-Former
                   and Flan-T5's FFN output projections stay fp32, as in the reference; Flan-T5 in float16 is
                   still not safe (it was trained in bf16): prefer bfloat16 for it.
     device        any torch device; tensors are read straight onto it.

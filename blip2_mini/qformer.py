@@ -117,6 +117,8 @@ class QFormer(nn.Module):
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"Q-Former: hidden_size {config.hidden_size} is not divisible by "
                              f"num_attention_heads {config.num_attention_heads}")
+        if config.hidden_act != "gelu":
+            raise ValueError(f"Q-Former: hidden_act {config.hidden_act!r} is not supported (BERT's is 'gelu')")
         self.config = config
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList([QFormerLayer(config, i) for i in range(config.num_hidden_layers)])
