@@ -563,3 +563,19 @@ def test_example_images():
         opened = ImageProcessor(size=192, resample=0).to_rgb(image)
     assert opened.getpixel((0, 0)) == (255, 255, 255)  # passed as an image: laid on white
     assert load_image(examples / "transparent.png").getpixel((0, 0)) == (0, 0, 0)  # from a path: alpha dropped
+
+
+def test_error_image_too_large_to_read_safely(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses more than twice this (a decompression bomb)
+    with pytest.raises(ValueError, match=r"big.png: too large to read safely \(10000 pixels; Pillow refuses more than"):
+        load_image(tmp_path / "big.png")
+
+
+def test_resized_is_the_first_half_of_preprocess():
+    # What a caller may keep instead of a full-size photo (the CLI's rank does): preprocess gives the same numbers.
+    processor = ImageProcessor()
+    for image in (Image.open(ROOT / "examples" / "gradient.jpg"), Image.open(ROOT / "examples" / "transparent.png")):
+        small = processor.resized(image)
+        assert small.size == (processor.width, processor.height) and small.mode == "RGB"
+        assert np.array_equal(processor.preprocess(small), processor.preprocess(image))
