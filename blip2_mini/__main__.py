@@ -6,10 +6,13 @@ An unreadable image is reported on stderr and skipped; the exit status is then 1
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "blip2-shapes-tiny"
+DEFAULT_RETRIEVAL_WEIGHTS = DEFAULT_WEIGHTS.with_name(DEFAULT_WEIGHTS.name + "-itm")  # for match and rank
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -45,14 +48,30 @@ def non_negative_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
     return value
 
 
-def add_model_options(p):
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def seed(text):
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
+def add_model_options(p, retrieval=False):
+    default = DEFAULT_RETRIEVAL_WEIGHTS if retrieval else DEFAULT_WEIGHTS
+    p.set_defaults(default_weights=default)
     p.add_argument("--weights", type=Path, default=None,
-                   help=f"checkpoint directory (default: the shipped toy model, {DEFAULT_WEIGHTS.name})")
+                   help=f"checkpoint directory (default: the shipped toy model, {default.name})")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weight dtype (default float32); auto: what fits this machine (loader.auto_dtype: on a "
                         "CPU with bf16 instructions, vision and language model in bfloat16)")
@@ -70,14 +89,15 @@ def add_generation_options(p):
     g.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1 = greedy)")
     g.add_argument("--max-new-tokens", type=positive_int, default=30, help="at most this many new tokens")
     g.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="at least this many before EOS")
-    g.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam search: score / length**penalty (>0 favours long, <0 short)")
+    g.add_argument("--length-penalty", type=finite_float, default=1.0,
+                   help="with --num-beams > 1: score / length**penalty (>0 favours long, <0 short)")
     g.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1.0 = off; 1.5 is strong")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
-    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    g.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed for --sample")
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample: sampling temperature")
+    g.add_argument("--top-k", type=non_negative_int, default=0,
+                   help="with --sample: sample among the k most likely (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus sampling mass in (0, 1] (1 = off)")
+    g.add_argument("--seed", type=seed, default=0, help="with --sample: random seed")
 
 
 def build_parser():
@@ -94,8 +114,8 @@ def build_parser():
     add_generation_options(p)
 
     p = sub.add_parser("vqa", help="answer a question about an image")
-    p.add_argument("image", type=Path)
-    p.add_argument("question")
+    p.add_argument("image", type=Path, help="an image file")
+    p.add_argument("question", help='the question; the prompt becomes "Question: ... Answer:"')
     p.add_argument("--history", nargs=2, action="append", metavar=("QUESTION", "ANSWER"), default=[],
                    help="an earlier chat turn (repeatable): the prompt becomes a multi-turn chat")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -104,23 +124,24 @@ def build_parser():
     p.set_defaults(max_new_tokens=10)
 
     p = sub.add_parser("match", help="retrieval checkpoints: ITM probability and ITC score of texts for an image")
-    p.add_argument("image", type=Path)
-    p.add_argument("texts", nargs="+")
-    add_model_options(p)
+    p.add_argument("image", type=Path, help="an image file")
+    p.add_argument("texts", nargs="+", help="the texts to score against it")
+    add_model_options(p, retrieval=True)
 
     p = sub.add_parser("rank", help="retrieval checkpoints: rank the images of a folder for a text query")
-    p.add_argument("folder", type=Path)
-    p.add_argument("query")
-    p.add_argument("--top-k", type=positive_int, default=5, help="how many to show (and re-rank with ITM)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    add_model_options(p)
+    p.add_argument("folder", type=Path, help="a folder of images")
+    p.add_argument("query", help="the text to rank them for")
+    p.add_argument("--top-k", type=positive_int, default=5,
+                   help="how many to show: the best by ITC, re-ranked by ITM logit + ITC (the paper's recipe)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    add_model_options(p, retrieval=True)
 
     # These two have their own argument parsers (in blip2_mini/pretrain/); `main` hands them the rest of argv.
     sub.add_parser("pretrain", add_help=False, help="run the toy two-stage pre-training (see its --help)")
     sub.add_parser("evaluate", add_help=False, help="quality metrics of a toy model on held-out data (see its --help)")
 
     p = sub.add_parser("stages", help="run one image through every stage and print the shapes")
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="an image file")
     add_model_options(p)
     return parser
 
@@ -132,6 +153,16 @@ def check_generation_options(args):
         raise UsageError(f"--min-new-tokens ({args.min_new_tokens}) exceeds --max-new-tokens ({args.max_new_tokens})")
     if args.sample and args.num_beams > 1:
         raise UsageError("--sample and --num-beams > 1 cannot be combined (beam sampling is not supported)")
+    # An option that would be ignored is refused: who types --temperature 0.7 expects sampling, not greedy.
+    if not args.sample:
+        sampling = (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
+                    ("--seed", args.seed, 0))
+        unused = [name for name, value, default in sampling if value != default]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} with --sample; "
+                             "add --sample or drop them")
+    if args.num_beams == 1 and args.length_penalty != 1.0:
+        raise UsageError("--length-penalty only applies with --num-beams > 1 (it divides beam scores)")
 
 
 def generation_kwargs(args):
@@ -155,10 +186,10 @@ def load_checkpoint(args):
 
     weights = args.weights
     if weights is None:
-        if not (DEFAULT_WEIGHTS / "config.json").exists():
+        if not (args.default_weights / "config.json").exists():
             raise UsageError("no --weights given and no shipped model in weights/; download a checkpoint "
                              "(see weights/README.md) and pass --weights DIR")
-        weights = DEFAULT_WEIGHTS
+        weights = args.default_weights
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
@@ -172,15 +203,19 @@ def load_checkpoint(args):
 
 
 def expand_images(paths):
-    """Files as given, directories expanded to their image files (sorted). Missing paths are reported."""
+    """(found, missing): files as given, directories expanded to their image files (sorted; not into
+    subfolders). `missing` pairs a path with why it was not read."""
     found, missing = [], []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            except OSError as e:
+                missing.append((path, f"cannot list the folder ({e.strerror or e})"))
         elif path.exists():
             found.append(path)
         else:
-            missing.append(path)
+            missing.append((path, "no such file or directory"))
     return found, missing
 
 
@@ -198,11 +233,19 @@ def read_images(paths):
 
 
 def progress(done, total, label):
+    """A bar on stderr, redrawn in place on a terminal (end_progress_line wipes it before other lines are
+    written); elsewhere (a log file, a pipe) only the final state."""
     if sys.stderr.isatty() or done == total:
         width = 30
         bar = "#" * (width * done // max(total, 1))
         print(f"\r{label} [{bar:<{width}}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr,
               flush=True)
+
+
+def end_progress_line():
+    """Erase an unfinished bar (terminal only), so that the lines printed next start at the left margin."""
+    if sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def family_of(model):
@@ -215,14 +258,17 @@ def family_of(model):
 def cmd_caption(args):
     check_generation_options(args)
     paths, missing = expand_images(args.images)
-    for path in missing:
-        print(f"error: {path}: no such file or directory", file=sys.stderr)
-    if not paths and not missing:
-        raise UsageError("no images found in " + ", ".join(map(str, args.images)))
+    for path, reason in missing:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    if not paths:
+        if missing:
+            return 1
+        raise UsageError(f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) found in " + ", ".join(map(str, args.images)))
     model, processor = load_checkpoint(args)
     failures = len(missing)
     for start in range(0, len(paths), args.batch_size):
         loaded, failed = read_images(paths[start:start + args.batch_size])
+        end_progress_line()
         for path, reason in failed:
             print(f"error: {path}: {reason}", file=sys.stderr)
         failures += len(failed)
@@ -244,11 +290,11 @@ def cmd_vqa(args):
     from .prompts import chat_prompt
 
     check_generation_options(args)
-    model, processor = load_checkpoint(args)
-    loaded, failed = read_images([args.image])
+    loaded, failed = read_images([args.image])  # before loading: a typo should not cost a minute of loading
     if failed:
         print(f"error: {failed[0][0]}: {failed[0][1]}", file=sys.stderr)
         return 1
+    model, processor = load_checkpoint(args)
     try:
         prompt = chat_prompt([tuple(turn) for turn in args.history], args.question, family_of(model))
     except ValueError as e:
@@ -263,18 +309,19 @@ def cmd_vqa(args):
 
 def require_retrieval(model):
     if model.language_model is not None:
-        raise UsageError("match/rank need a retrieval checkpoint (blip2-itm-vit-g); this one has a language model")
+        raise UsageError("match/rank need a retrieval checkpoint (blip2-itm-vit-g, or the shipped "
+                         f"{DEFAULT_RETRIEVAL_WEIGHTS.name}); this one has a language model")
 
 
 def cmd_match(args):
     from .retrieval import match_scores
 
-    model, processor = load_checkpoint(args)
-    require_retrieval(model)
     loaded, failed = read_images([args.image])
     if failed:
         print(f"error: {failed[0][0]}: {failed[0][1]}", file=sys.stderr)
         return 1
+    model, processor = load_checkpoint(args)
+    require_retrieval(model)
     for text, itm, itc in match_scores(model, processor, loaded[0][1], args.texts, device=args.device):
         print(f"ITM {itm:.4f}  ITC {itc:+.4f}  {text}")
     return 0
@@ -287,10 +334,17 @@ def cmd_rank(args):
         raise UsageError(f"{args.folder}: not a directory")
     paths, _ = expand_images([args.folder])
     if not paths:
-        raise UsageError(f"{args.folder}: no images found")
+        raise UsageError(f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) found in {args.folder}")
     model, processor = load_checkpoint(args)
     require_retrieval(model)
-    loaded, failed = read_images(paths)
+    # Every image is needed twice (ITC over all, ITM over the best): keep each at the model's input size, not
+    # as the decoded photo (~35 MB at 12 Mpx), which gives the same numbers (ImageProcessor.resized).
+    loaded, failed = [], []
+    for i, path in enumerate(paths, 1):
+        ok, bad = read_images([path])
+        loaded += [(name, processor.image_processor.resized(image, str(name))) for name, image in ok]
+        failed += bad
+        progress(i, len(paths), "reading images")
     for path, reason in failed:
         print(f"error: {path}: {reason}", file=sys.stderr)
     results = rank_images(model, processor, loaded, args.query, top_k=args.top_k, batch_size=args.batch_size,
@@ -303,11 +357,11 @@ def cmd_rank(args):
 def cmd_stages(args):
     import torch
 
-    model, processor = load_checkpoint(args)
     loaded, failed = read_images([args.image])
     if failed:
         print(f"error: {failed[0][0]}: {failed[0][1]}", file=sys.stderr)
         return 1
+    model, processor = load_checkpoint(args)
     pixel_values = processor(images=[loaded[0][1]], return_tensors="pt")["pixel_values"].to(args.device)
 
     def show(name, t):
@@ -336,6 +390,8 @@ PASSTHROUGH = {"pretrain": "blip2_mini.pretrain.run", "evaluate": "blip2_mini.pr
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its bytes, as ls does,
+        sys.stdout.reconfigure(errors="surrogateescape")  # not an encoding error that ends the folder
     try:
         if argv and argv[0] in PASSTHROUGH:
             import importlib
@@ -345,9 +401,14 @@ def main(argv=None):
             return 0
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError) as e:
+    except BrokenPipeError:  # `... | head`: the reader has gone; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
+    except (UsageError, ValueError, OSError) as e:
         # ValueError: the library's own one-line complaints about input (an empty text, a text longer than the
-        # position table, an impossible generation option), shown as such rather than as a traceback.
+        # position table, an impossible generation option), shown as such rather than as a traceback; OSError:
+        # a file that cannot be read or written (pretrain's and evaluate's outputs, tokenizer files).
+        end_progress_line()
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -149,6 +149,11 @@ class Blip2(nn.Module):
             prompt_ids = torch.full((embeds.shape[0], 1), text_cfg.decoder_start_token_id, device=embeds.device)
             prompt_mask = None
         else:
+            limit, T0 = text_cfg.max_position_embeddings, embeds.shape[1]  # the prompt, image slots included
+            if T0 + max_new_tokens - 1 > limit:  # the last new token is never fed back, so it needs no position
+                raise ValueError(f"a prompt of {T0} tokens (image slots included) and {max_new_tokens} new tokens "
+                                 f"need {T0 + max_new_tokens - 1} positions; the language model has {limit}; "
+                                 "lower max_new_tokens or shorten the prompt")
             session = OPTSession(self.language_model, embeds, mask)
             prompt_ids = input_ids if input_ids is not None else self.default_prompt_ids(embeds)
             prompt_mask = attention_mask

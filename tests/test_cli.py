@@ -86,6 +86,13 @@ def test_folder_with_an_unreadable_image_reports_it_and_captions_the_rest(capsys
     (["--dtype", "float64"], "invalid choice"),
     (["--quantize", "int4"], "invalid choice"),
     (["--quantize", "int8", "--device", "meta"], "is for CPUs"),
+    (["--temperature", "0.7"], "--temperature only applies with --sample"),
+    (["--top-k", "5", "--top-p", "0.5"], "--top-k, --top-p only apply with --sample"),
+    (["--length-penalty", "2"], "--length-penalty only applies with --num-beams > 1"),
+    (["--sample", "--temperature", "inf"], "--temperature: must be positive and finite"),
+    (["--num-beams", "3", "--length-penalty", "nan"], "--length-penalty: must be a finite number"),
+    (["--sample", "--seed", "99999999999999999999999"], "--seed: must be in [0, 2**63)"),
+    (["--min-new-tokens", "100", "--max-new-tokens", "100"], "positions; the language model has 64; lower max_new"),
 ])
 def test_impossible_options_exit_2_with_one_line(capsys, args, message):
     try:
@@ -177,3 +184,108 @@ def test_dtype_auto_loads_the_policy_that_fits_the_cpu(capsys, monkeypatch, fast
     assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
     inputs = processor(images=load_image(EXAMPLES / "shapes.png"))
     assert json.loads(out)["token_ids"] == model.generate(**inputs, max_new_tokens=12)[0].tolist()
+
+
+def test_a_too_large_image_is_skipped_and_the_rest_captioned(capsys, tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    shutil.copy(EXAMPLES / "shapes.png", tmp_path / "shapes.png")  # 224 x 224
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30000)  # refused above 60000 pixels: big.png, not shapes.png
+    status, out, err = run(capsys, "caption", tmp_path, "--weights", PIPELINES / "opt-pipeline", "--max-new-tokens", 3)
+    assert status == 1 and out.startswith(str(tmp_path / "shapes.png") + ": ")
+    assert f"error: {tmp_path / 'big.png'}: too large to read safely" in err and "Traceback" not in err
+
+
+def test_folder_walk_skips_subfolders_named_like_images(capsys, tmp_path):
+    shutil.copy(EXAMPLES / "shapes.png", tmp_path / "shapes.png")
+    (tmp_path / "old.png").mkdir()
+    status, out, err = run(capsys, "caption", tmp_path, "--weights", PIPELINES / "opt-pipeline", "--max-new-tokens", 3)
+    assert status == 0 and len(out.splitlines()) == 1 and "old.png" not in out + err
+
+
+@pytest.mark.parametrize("command", [["vqa", "q?"], ["match", "a text"], ["stages"]])
+def test_a_missing_image_is_reported_before_the_model_is_loaded(capsys, monkeypatch, tmp_path, command):
+    def no_loading(args):
+        raise AssertionError("the model was loaded for an image that does not exist")
+
+    monkeypatch.setattr(cli, "load_checkpoint", no_loading)
+    status, _, err = run(capsys, command[0], tmp_path / "nope.png", *command[1:])
+    assert status == 1 and f"error: {tmp_path / 'nope.png'}: no such file" in err
+
+
+def test_only_missing_images_load_nothing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "load_checkpoint", lambda args: pytest.fail("loaded a model for no images"))
+    status, out, err = run(capsys, "caption", tmp_path / "a.png", tmp_path / "b.png")
+    assert status == 1 and out == "" and err.count("no such file or directory") == 2
+
+
+def test_match_and_rank_default_to_the_shipped_retrieval_model(capsys):
+    if not (cli.DEFAULT_RETRIEVAL_WEIGHTS / "config.json").exists():
+        pytest.skip("no shipped retrieval model in weights/")
+    status, out, err = run(capsys, "match", EXAMPLES / "shapes.png", "a small red square on the left")
+    assert status == 0 and out.startswith("ITM "), err
+    status, out, err = run(capsys, "rank", EXAMPLES, "a small red square on the left", "--top-k", 2)
+    assert status == 0 and out.startswith(" 1. ITM "), err
+    assert "reading images [" in err  # progress while the folder is read, not only while it is embedded
+
+
+def test_a_captioning_checkpoint_for_match_names_the_shipped_retrieval_model(capsys):
+    status, _, err = run(capsys, "match", EXAMPLES / "shapes.png", "a text", "--weights", PIPELINES / "opt-pipeline")
+    assert status == 2 and "blip2-shapes-tiny-itm" in err
+
+
+def test_progress_bar_is_wiped_before_results_on_a_terminal(capsys, monkeypatch, tmp_path):
+    for n in ("shapes.png", "grey.png"):
+        shutil.copy(EXAMPLES / n, tmp_path / n)
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True)
+    status, _, err = run(capsys, "caption", tmp_path, "--weights", PIPELINES / "opt-pipeline", "--max-new-tokens", 3,
+                         "--batch-size", 1)
+    assert status == 0
+    assert "1/2\r\033[K" in err  # the bar of the first batch is erased before the second batch's lines
+
+
+def _run_module(*args, **env):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "blip2_mini", *map(str, args)], capture_output=True, cwd=ROOT,
+                          env={**os.environ, **env})
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    for i in range(3):
+        shutil.copy(EXAMPLES / "shapes.png", tmp_path / f"{i}.png")
+    command = [sys.executable, "-m", "blip2_mini", "caption", str(tmp_path), "--batch-size", "1",
+               "--weights", str(PIPELINES / "opt-pipeline"), "--max-new-tokens", "3"]
+    shell = " ".join(map(str, command)) + " | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, cwd=ROOT, text=True)
+    assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_file_names_that_are_not_utf8_are_printed_and_the_folder_goes_on(tmp_path):
+    import os
+
+    folder = os.fsencode(tmp_path)
+    for name in (b"a.png", b"b\xffname.png", b"z.png"):
+        shutil.copy(EXAMPLES / "shapes.png", os.fsdecode(folder + b"/" + name))
+    done = _run_module("caption", tmp_path, "--weights", PIPELINES / "opt-pipeline", "--max-new-tokens", 3,
+                       "--batch-size", 1, PYTHONIOENCODING="utf-8:strict")
+    assert done.returncode == 0, done.stderr
+    assert folder + b"/b\xffname.png: " in done.stdout and done.stdout.count(b"\n") == 3
+
+
+def test_generate_refuses_more_tokens_than_the_position_table_holds():
+    # OPT's positions are learned, one row per position: a prompt of T0 tokens feeds T0 + new - 1 of them.
+    model, processor = blip2_mini.load(PIPELINES / "opt-pipeline", progress=False)
+    inputs = processor(images=load_image(EXAMPLES / "shapes.png"), return_tensors="pt")
+    prompt = model.config.num_query_tokens + 1  # captioning: the queries, then BOS
+    fits = model.config.text_config.max_position_embeddings - prompt + 1
+    ids = model.generate(**inputs, max_new_tokens=fits, min_new_tokens=fits)  # exactly full
+    assert ids.shape[1] == fits
+    with pytest.raises(ValueError, match=f"{fits + 1} new tokens need .* positions; the language model has 64"):
+        model.generate(**inputs, max_new_tokens=fits + 1)

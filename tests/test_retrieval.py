@@ -303,7 +303,7 @@ def test_rank_command_errors(capsys, tmp_path):
     status, _, err = run_cli(capsys, "rank", tmp_path / "nowhere", "a dog", "--weights", CHECKPOINT)
     assert status == 2 and "not a directory" in err
     status, _, err = run_cli(capsys, "rank", tmp_path, "a dog", "--weights", CHECKPOINT)
-    assert status == 2 and "no images found" in err
+    assert status == 2 and f"no images (.bmp .gif .jpeg .jpg .png .tif .tiff .webp) found in {tmp_path}" in err
 
 
 def test_match_command_bad_text_is_a_one_line_error(capsys):
