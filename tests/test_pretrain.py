@@ -386,6 +386,26 @@ def test_evaluate_command_exits_zero(capsys):
     assert "retrieval_r1_itc_i2t" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads: must be at least 1"),
+    (["--n-retrieval", "50"], "--n-retrieval 50: retrieval needs at least one gallery of 100 images"),
+    (["--json", "/nonexistent/x.json"], "the folder /nonexistent does not exist"),
+    (["--retrieval-weights", "/nonexistent"], "/nonexistent: no such directory"),
+    (["--retrieval-weights", str(SHIPPED)], "a captioning checkpoint; --retrieval-weights needs a stage-1"),
+])
+def test_evaluate_refuses_bad_arguments_before_evaluating(capsys, monkeypatch, args, message):
+    from blip2_mini import __main__ as cli
+
+    monkeypatch.setattr(evaluate_module, "evaluate_generation", lambda *a, **k: pytest.fail("evaluated first"))
+    try:
+        status = cli.main(["evaluate", *args])
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_evaluate_command_reports_missing_weights(tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         evaluate_module.main(["--weights", str(tmp_path / "nothing")])

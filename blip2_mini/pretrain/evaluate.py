@@ -18,7 +18,6 @@ so these numbers measure compositional generalisation, not memorisation.
     python -m blip2_mini evaluate [--weights DIR] [--retrieval-weights DIR] [--n-images N] [--json FILE]
 """
 
-import argparse
 import json
 import random
 import sys
@@ -183,29 +182,43 @@ def token_position_probe(vision_model, train_pixels, eval_pixels, steps: int = 3
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m blip2_mini evaluate",
-                                     description="Caption / VQA / retrieval metrics of a toy BLIP-2 on the "
-                                                 "held-out Shapes test split.")
+    from ..__main__ import OneLineParser, positive_int, UsageError
+
+    parser = OneLineParser(prog="python -m blip2_mini evaluate",
+                           description="Caption / VQA / retrieval metrics of a toy BLIP-2 on the held-out Shapes "
+                                       "test split.")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="stage-2 checkpoint directory")
     parser.add_argument("--retrieval-weights", type=Path, default=None,
                         help="stage-1 retrieval checkpoint (default: WEIGHTS-itm if it exists)")
-    parser.add_argument("--n-images", type=int, default=500, help="test images for captions and VQA")
-    parser.add_argument("--n-retrieval", type=int, default=1000, help="test images for retrieval (galleries of 100)")
+    parser.add_argument("--n-images", type=positive_int, default=300,
+                        help="test images for captions and VQA (default 300, as the recipe's eval.json)")
+    parser.add_argument("--n-retrieval", type=positive_int, default=1000,
+                        help="test images for retrieval, in galleries of 100 (at least 100)")
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     from ..loader import load_model
     from ..tokenizer import load_tokenizer
 
+    # Everything that can be wrong with the arguments is found before minutes of evaluation, not after.
+    retrieval = args.retrieval_weights or args.weights.with_name(args.weights.name + "-itm")
+    if args.retrieval_weights and not retrieval.exists():
+        raise UsageError(f"{retrieval}: no such directory")
+    if retrieval.exists() and args.n_retrieval < 100:
+        raise UsageError(f"--n-retrieval {args.n_retrieval}: retrieval needs at least one gallery of 100 images")
+    if args.json and not args.json.parent.is_dir():
+        raise UsageError(f"--json {args.json}: the folder {args.json.parent} does not exist")
     torch.set_num_threads(args.threads)
     start = time.time()
     model = load_model(args.weights, progress=False)
+    retrieval_model = load_model(retrieval, progress=False) if retrieval.exists() else None
+    if retrieval_model is not None and retrieval_model.language_model is not None:
+        raise UsageError(f"{retrieval}: a captioning checkpoint; --retrieval-weights needs a stage-1 (-itm) one")
+    print(f"captions and VQA on {args.n_images} test images ...", file=sys.stderr, flush=True)
     metrics, _ = evaluate_generation(model, load_tokenizer(args.weights), args.n_images)
-    retrieval = args.retrieval_weights or args.weights.with_name(args.weights.name + "-itm")
-    if retrieval.exists():
-        metrics |= evaluate_retrieval(load_model(retrieval, progress=False), load_tokenizer(retrieval), args.n_retrieval)
-    elif args.retrieval_weights:
-        sys.exit(f"error: {retrieval}: no such directory")
+    if retrieval_model is not None:
+        print(f"retrieval on {args.n_retrieval} test images ...", file=sys.stderr, flush=True)
+        metrics |= evaluate_retrieval(retrieval_model, load_tokenizer(retrieval), args.n_retrieval)
     for k, v in metrics.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
     print(f"({time.time() - start:.0f}s)")

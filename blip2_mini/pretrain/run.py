@@ -13,7 +13,6 @@ Seeded: the same arguments give the same model on the same machine (CPU kernels 
 thread count). `--quick` is a smoke run (a few hundred images, a few dozen steps) for tests and notebooks.
 """
 
-import argparse
 import json
 import tempfile
 import time
@@ -187,7 +186,9 @@ def pretrain(recipe: Recipe, out: Path, seed: int = 0, ablation: bool = True, qu
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m blip2_mini pretrain",
+    from ..__main__ import OneLineParser, positive_int
+
+    parser = OneLineParser(prog="python -m blip2_mini pretrain",
                                      description="Run the toy two-stage BLIP-2 pre-training on the Shapes world "
                                                  "and save the model in the official layout.")
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
@@ -196,7 +197,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (tiny data, few steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
     parser.add_argument("--no-ablation", action="store_true", help="skip stage 2 without stage 1")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return pretrain(QUICK if args.quick else Recipe(), args.out, seed=args.seed, ablation=not args.no_ablation)
