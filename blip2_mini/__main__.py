@@ -193,7 +193,9 @@ def load_checkpoint(args):
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
-        raise UsageError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--device {args.device}: {str(e).splitlines()[0][:200]}") from None
+    if torch.device(args.device).type == "meta":  # shapes without values: fine for tests, useless for a caption
+        raise UsageError("--device meta: not a device to compute on (cpu, cuda, cuda:1, mps, ...)")
     dtype, policy = auto_dtype(args.device) if args.dtype == "auto" else (getattr(torch, args.dtype), None)
     try:
         return load(weights, dtype=dtype, device=args.device, dtype_policy=policy, progress=sys.stderr.isatty(),

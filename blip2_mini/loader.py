@@ -622,4 +622,20 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: d
     model = load_model(path, dtype=dtype, device=device, dtype_policy=dtype_policy, progress=progress,
                        quantize=quantize, prepack=prepack)
     processor = Blip2Processor.from_pretrained(path)
+    _check_processor_fits(model.config, processor, Path(path))
     return model, processor
+
+
+def _check_processor_fits(config: Blip2Config, processor, directory: Path):
+    """The processor files and config.json of one directory must describe one model: a tokenizer copied from
+    another model gives ids beyond the embedding table (an IndexError deep in the model, or garbage text), and
+    a different slot count makes every prompt fail in the projection."""
+    slots = processor.num_query_tokens
+    if slots is not None and slots != config.num_query_tokens:
+        raise CheckpointError(f"{directory}: processor_config.json says {slots} image slots, config.json "
+                              f"{config.num_query_tokens} queries; the files come from different checkpoints")
+    if config.text_config is not None:
+        rows, tokens = config.text_config.vocab_size, len(processor.tokenizer)
+        if tokens > rows + 1:  # + 1: the processor's own <image> token may sit just past the table (never embedded)
+            raise CheckpointError(f"{directory}: the tokenizer has {tokens} tokens but the language model's "
+                                  f"embedding has {rows} rows; the tokenizer files belong to another model")

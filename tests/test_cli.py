@@ -85,7 +85,7 @@ def test_folder_with_an_unreadable_image_reports_it_and_captions_the_rest(capsys
     (["--sample", "--num-beams", "3"], "cannot be combined"),
     (["--dtype", "float64"], "invalid choice"),
     (["--quantize", "int4"], "invalid choice"),
-    (["--quantize", "int8", "--device", "meta"], "is for CPUs"),
+    (["--quantize", "int8", "--device", "meta"], "--device meta: not a device to compute on"),
     (["--temperature", "0.7"], "--temperature only applies with --sample"),
     (["--top-k", "5", "--top-p", "0.5"], "--top-k, --top-p only apply with --sample"),
     (["--length-penalty", "2"], "--length-penalty only applies with --num-beams > 1"),
@@ -289,3 +289,31 @@ def test_generate_refuses_more_tokens_than_the_position_table_holds():
     assert ids.shape[1] == fits
     with pytest.raises(ValueError, match=f"{fits + 1} new tokens need .* positions; the language model has 64"):
         model.generate(**inputs, max_new_tokens=fits + 1)
+
+
+def _copy_shipped(tmp_path):
+    if not (cli.DEFAULT_WEIGHTS / "config.json").exists():
+        pytest.skip("no shipped model in weights/")
+    return Path(shutil.copytree(cli.DEFAULT_WEIGHTS, tmp_path / "model"))
+
+
+def test_a_tokenizer_of_another_model_is_refused_at_load(tmp_path):
+    directory = _copy_shipped(tmp_path)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / name).unlink()
+    for f in (ROOT / "tests" / "fixtures" / "tokenizers" / "opt").iterdir():  # 800 tokens, not the toy's 396
+        shutil.copy(f, directory / f.name)
+    with pytest.raises(blip2_mini.loader.CheckpointError, match="the tokenizer has 801 tokens but the language "
+                                                                "model's embedding has 396 rows"):
+        blip2_mini.load(directory, progress=False)
+
+
+def test_processor_and_model_must_agree_on_the_image_slots(tmp_path):
+    directory = _copy_shipped(tmp_path)
+    config = json.loads((directory / "processor_config.json").read_text())
+    config["num_query_tokens"] = 16
+    (directory / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(blip2_mini.loader.CheckpointError,
+                       match="processor_config.json says 16 image slots, config.json 32 queries"):
+        blip2_mini.load(directory, progress=False)
+
