@@ -227,7 +227,21 @@ def block_kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if x.device.type == "cpu" and cpu_multiplies_bf16_faster() else x.dtype
 
 
-class Int8Linear(nn.Module):
+class StoredLayer(nn.Module):
+    """The layers of this file store their weights in a dtype of their own (int8, fp16, bf16) and compute in
+    fp32. Casting the model (.to(torch.bfloat16), .half(), .float()) leaves that storage and the fp32 scales
+    and biases as they are (a cast could only lose precision) and changes only the dtype they return, so that
+    they still fit between the model's cast layers; moving the model (.to(device)) moves them."""
+
+    out_dtype = torch.float32  # what forward returns: the dtype of the model around the layer
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=self.out_dtype))  # where and in which dtype the rest of the model goes
+        self.out_dtype = probe.dtype
+        return super()._apply(lambda t: t.to(device=probe.device), recurse)
+
+
+class Int8Linear(StoredLayer):
     """A Linear layer y = x W^T + b whose weight is stored as int8 + per-output-channel scales."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activations: str = "float"):
@@ -287,7 +301,7 @@ class Int8Linear(nn.Module):
                 y = self._block_matmul(x)
             if self.bias is not None:
                 y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features).to(self.out_dtype)
 
     def _block_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(x @ q^T) * s for x (B, I) fp32, with q converted to float one cache-sized block of rows at a time
@@ -310,7 +324,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}"
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(StoredLayer):
     """An embedding table stored as int8 rows with one scale per row: lookup = q[ids] * s[ids]."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
@@ -320,7 +334,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scale", scale.float())  # (V,)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_int8[ids].float() * self.scale[ids][..., None]  # (..., D)
+        return (self.weight_int8[ids].float() * self.scale[ids][..., None]).to(self.out_dtype)  # (..., D)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -369,7 +383,7 @@ def fused_projections(lm: nn.Module) -> dict[str, list[str]]:
     return fused
 
 
-class Fp16Linear(nn.Module):
+class Fp16Linear(StoredLayer):
     """y = x W^T + b with W stored in fp16 and packed for fbgemm's fp16 kernel (x, products and sums in fp32).
 
     Used for the output head, which int8 rounds too coarsely (module docstring): fp16 keeps 11 significant
@@ -388,14 +402,14 @@ class Fp16Linear(nn.Module):
         require_cpu_input(x, "Fp16Linear")
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
-        return y.reshape(*shape[:-1], self.out_features)  # (..., O)
+        return y.reshape(*shape[:-1], self.out_features).to(self.out_dtype)  # (..., O)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, stored=float16"
 
 
-class Fp16Embedding(nn.Module):
-    """An embedding table stored in fp16; lookups return fp32 rows."""
+class Fp16Embedding(StoredLayer):
+    """An embedding table stored in fp16; lookups return fp32 rows (or the dtype the model was cast to)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -403,7 +417,7 @@ class Fp16Embedding(nn.Module):
         self.register_buffer("weight_fp16", weight.detach().half())  # (V, D)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_fp16[ids].float()  # (..., D)
+        return self.weight_fp16[ids].to(self.out_dtype)  # (..., D)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, stored=float16"
@@ -413,8 +427,7 @@ class Fp16Embedding(nn.Module):
 def store_head_in_fp16(lm: nn.Module) -> nn.Module:
     """The language model's output head in fp16 (Fp16Linear), in place; for OPT's tied head, the embedding
     table too (Fp16Embedding: the two copies, lookup table and packed head, take the bytes of one fp32 table).
-    Needs fbgemm (x86); elsewhere the head is left as it is. Call it after any .float() of the language model,
-    which would turn the fp16 table back into fp32. Returns lm."""
+    Needs fbgemm (x86); elsewhere the head is left as it is. Returns lm."""
     if not _fbgemm_available():
         return lm
     if getattr(lm, "lm_head", "absent") is None and isinstance(getattr(lm, "embed_tokens", None), nn.Embedding):
@@ -480,7 +493,7 @@ def quantize_language_model(model: nn.Module, activations: str = "float", quanti
 # ---- the vision encoder: half the bytes, same fp32 arithmetic ----------------------------------------------
 
 
-class Bf16Linear(nn.Module):
+class Bf16Linear(StoredLayer):
     """A Linear layer whose weight is *stored* in bf16 and *computed* in fp32.
 
     Why not simply run it in bf16: the vision encoder is compute-bound (257 tokens per image reuse every
@@ -501,10 +514,11 @@ class Bf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = max(1, self.BLOCK_BYTES // (4 * self.in_features))
+        x = x.float()
         blocks = [F.linear(x, self.weight_bf16[start:start + rows].float())  # (..., I) -> (..., rows)
                   for start in range(0, self.out_features, rows)]
         y = torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]  # (..., O)
-        return y if self.bias is None else y + self.bias
+        return (y if self.bias is None else y + self.bias).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, stored=bfloat16"

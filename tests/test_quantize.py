@@ -382,3 +382,25 @@ def test_vision_stored_in_bf16_computes_like_fp32_with_rounded_weights(loaded_as
     assert (got - want).abs().max().item() <= 1e-5
     full = load_model(FIXTURE, progress=False).encode_image(pixel_values)  # and bf16 storage is close to fp32
     assert 0 < (got - full).abs().max().item() < 0.05 * full.abs().max().item()
+
+
+@pytest.mark.parametrize("activations", MODES)
+def test_a_quantized_model_cast_to_bf16_keeps_its_storage_and_computes(activations):
+    """model.to(torch.bfloat16) after quantizing: the int8 / fp16 / bf16-stored layers keep their storage and
+    fp32 scales (a cast could only lose precision) and return bf16, so they fit between the cast layers."""
+    from blip2_mini.quantize import Bf16Linear, Fp16Embedding, store_vision_in_bf16
+
+    inputs = load_fixture("opt-base")[0]
+    model = store_vision_in_bf16(load(activations))
+    with torch.no_grad():
+        before = model(**inputs)
+        stored = {n: (t.dtype, t.clone()) for n, t in model.named_buffers()}
+        model.to(torch.bfloat16)
+        after = model(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()})
+    assert {n: t.dtype for n, t in model.named_buffers()} == {n: d for n, (d, _) in stored.items()}
+    assert all(torch.equal(t, stored[n][1]) for n, t in model.named_buffers())
+    assert {type(m) for m in model.modules()} >= {Int8Linear, Fp16Embedding, Bf16Linear}
+    assert after.dtype == torch.bfloat16
+    real = inputs["attention_mask"].bool()
+    error = (after.float() - before)[real].norm() / before[real].norm()
+    assert 0 < error < 0.03  # the norms, embeddings and Q-Former in bf16 now; the stored layers as before
