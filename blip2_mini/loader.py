@@ -23,6 +23,9 @@ already in its target dtype, on the CPU, is not copied at all: the parameter *is
 copy-on-write mapping, so the file never changes), paged in by the OS when first used -- the reason an fp32
 checkpoint "loads" in about a second. The other direction does not hold: a file overwritten in place while a
 process uses it changes that process's weights (the OS reads the pages again from the file).
+The older `.bin` files are read through torch.load's own mapping (weights_only=True), whose pages stay in the
+process until the whole file is read: loading one to another dtype peaks at about file + model (measured: 226 MB
+fp32 file to bf16, +343 MB instead of +120 MB from safetensors). Prefer the .safetensors files.
 """
 
 import ctypes
