@@ -88,6 +88,10 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias  # (O,) or None, a parameter as in nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and torch.is_grad_enabled() and x.requires_grad:  # oneDNN's op has no backward,
+            # and torch would only warn while the gradient silently stopped here
+            raise RuntimeError("PackedLinear: packed weights are for inference only (no gradient flows through "
+                               "them); load the model without prepack=True to take gradients")
         x = x.to(self.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)

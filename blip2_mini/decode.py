@@ -24,6 +24,8 @@ Notation: B prompts in the batch, K beams, N rows the model runs (B, B*num_retur
 T0 prompt length, t new tokens so far, V vocabulary size, C candidates per prompt in beam search (2K).
 """
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -148,7 +150,8 @@ def generate(session: DecodingSession, prompt_ids: Tensor, *, max_new_tokens: in
              num_beams: int = 1, length_penalty: float = 1.0, do_sample: bool = False, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
              eos_token_id: int | list[int] | None, pad_token_id: int, generator: torch.Generator | None = None,
-             early_stopping: bool | str = False, prompt_mask: Tensor | None = None) -> Tensor:
+             early_stopping: bool | str = False, prompt_mask: Tensor | None = None,
+             vocab_size: int | None = None) -> Tensor:
     """Generate text after the prompt held by `session`; returns only the new tokens, (B *
     num_return_sequences, T_new) long, each row right-padded after its EOS.
 
@@ -157,17 +160,18 @@ def generate(session: DecodingSession, prompt_ids: Tensor, *, max_new_tokens: in
         for an encoder-decoder model only the decoder's ids (the start token). T0 may be 0.
     prompt_mask (B, T0), optional: the prompt's attention mask; as in the reference, the repetition penalty
         skips each row's *leading* padding (left padding).
-    eos_token_id: one id or several; None generates exactly max_new_tokens.
+    eos_token_id: one id or several (an int, a list, a tensor); None generates exactly max_new_tokens.
     pad_token_id: fills rows that finished early. (Beam search fills with EOS when the pad id is 0, a quirk
         of the reference kept for parity; see `_beam_search`.)
     top_k=0 and top_p=1.0 switch those filters off (the reference's own default is top_k=50).
     generator: for sampling, on the logits' device; None uses torch's global generator (as the reference).
     temperature, top_k, top_p and generator only matter with do_sample=True; length_penalty and
     early_stopping (False, True or "never", as in the reference) only with num_beams > 1.
+    vocab_size: when given, eos_token_id must lie in the vocabulary (an id past it would never stop generation).
     """
     s = _check_arguments(prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, num_beams, length_penalty,
                          early_stopping, do_sample, temperature, top_k, top_p, repetition_penalty,
-                         num_return_sequences, eos_token_id, pad_token_id, generator)
+                         num_return_sequences, eos_token_id, pad_token_id, generator, vocab_size)
 
     # Every prompt becomes `rows` identical rows (beams, or independent samples), as in the reference.
     rows = max(num_beams, num_return_sequences)
@@ -353,8 +357,14 @@ def generate_naive(full_logits_fn: Callable[[Tensor], Tensor], batch_size: int, 
 # ---- argument checks ----------------------------------------------------------------------------------------
 
 
-def _as_list(ids: int | list[int]) -> list[int]:
-    return [ids] if isinstance(ids, int) else list(ids)
+def _as_list(ids) -> list[int]:
+    """One id or several, as an int, a list or tuple, a NumPy integer or a tensor -> [int, ...]."""
+    if isinstance(ids, Tensor):
+        ids = ids.reshape(-1).tolist()
+    ids = [ids] if isinstance(ids, numbers.Integral) else list(ids)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"generate: eos_token_id must be token ids (ints), got {ids!r}")
+    return [int(i) for i in ids]
 
 
 def _checked(logits: Tensor, N: int, call: str) -> Tensor:
@@ -365,10 +375,21 @@ def _checked(logits: Tensor, N: int, call: str) -> Tensor:
 
 def _check_arguments(prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, num_beams, length_penalty,
                      early_stopping, do_sample, temperature, top_k, top_p, penalty, num_return_sequences,
-                     eos_token_id, pad_token_id, generator) -> Settings:
+                     eos_token_id, pad_token_id, generator, vocab_size=None) -> Settings:
     def fail(message):
         raise ValueError(f"generate: {message}")
 
+    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
+                        ("num_beams", num_beams), ("top_k", top_k), ("num_return_sequences", num_return_sequences)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 2.0 would fail deep in torch
+            fail(f"{name} must be an int, got {value!r}")
+    if not isinstance(do_sample, bool):  # do_sample="no" is truthy
+        fail(f"do_sample must be True or False, got {do_sample!r}")
+    for name, value in (("length_penalty", length_penalty), ("temperature", temperature), ("top_p", top_p)):
+        if not math.isfinite(value):
+            fail(f"{name} must be a finite number, got {value}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        fail(f"generator must be a torch.Generator (or None), got {generator!r}")
     if not isinstance(prompt_ids, Tensor) or prompt_ids.ndim != 2 or prompt_ids.dtype != torch.long:
         fail(f"prompt_ids must be a (B, T0) long tensor, got {getattr(prompt_ids, 'shape', type(prompt_ids))}")
     if prompt_ids.shape[0] == 0:
@@ -394,13 +415,19 @@ def _check_arguments(prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, nu
         fail(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 <= top_p <= 1:
         fail(f"top_p must be in [0, 1] (1 = off), got {top_p}")
-    if not penalty > 0:
-        fail(f"repetition_penalty must be > 0 (1 = off), got {penalty}")
+    if not (penalty > 0 and math.isfinite(penalty)):
+        fail(f"repetition_penalty must be > 0 and finite (1 = off), got {penalty}")
+    if generator is not None and generator.device.type != prompt_ids.device.type:
+        fail(f"generator is on {generator.device}, the model on {prompt_ids.device}: create it there, "
+             f"torch.Generator({prompt_ids.device.type!r})")
     eos = None
     if eos_token_id is not None:
         ids = _as_list(eos_token_id)
         if not ids:
             fail("eos_token_id is an empty list; pass None to generate without EOS")
+        if any(i < 0 or (vocab_size is not None and i >= vocab_size) for i in ids):
+            last = "V - 1" if vocab_size is None else vocab_size - 1
+            fail(f"eos_token_id {ids} has ids outside the vocabulary (0..{last}): it would never stop generation")
         eos = torch.tensor(ids, device=prompt_ids.device)
     if not isinstance(pad_token_id, int):
         fail(f"pad_token_id must be an int, got {pad_token_id!r}")

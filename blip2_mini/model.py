@@ -119,6 +119,7 @@ class Blip2(nn.Module):
         decoder_input_ids (default: the decoder start token alone)."""
         if self.language_model is None:
             raise ValueError("this is a retrieval checkpoint (no language model): use itm() / itc()")
+        attention_mask = self._check_inputs(pixel_values, input_ids, attention_mask)
         visual_prompt = self.image_prompt(pixel_values, interpolate_pos_encoding)
         embeds, mask = self.language_model_inputs(visual_prompt, input_ids, attention_mask)
         if not self.is_encoder_decoder:
@@ -142,6 +143,16 @@ class Blip2(nn.Module):
         if self.language_model is None:
             raise ValueError("this is a retrieval checkpoint (no language model): it cannot generate text")
         text_cfg = self.config.text_config
+        attention_mask = self._check_inputs(pixel_values, input_ids, attention_mask)
+        if attention_mask is not None:
+            if not self.is_encoder_decoder and not bool(attention_mask[:, -1].bool().all()):
+                # OPT continues after the last position: a right-padded row would continue after its pads.
+                raise ValueError("generate: right-padded prompts (a row of attention_mask ends in 0); OPT continues "
+                                 "after the last position, so pad on the left (the processor's default for OPT)")
+            if self.is_encoder_decoder and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                # T5's relative positions ignore the mask: pads between the image slots and the text move the text.
+                raise ValueError("generate: left-padded prompts; Flan-T5's relative positions ignore the mask, so pad "
+                                 "on the right (the processor's default for Flan-T5)")
         visual_prompt = self.image_prompt(pixel_values, interpolate_pos_encoding)
         embeds, mask = self.language_model_inputs(visual_prompt, input_ids, attention_mask)
         if self.is_encoder_decoder:
@@ -150,7 +161,7 @@ class Blip2(nn.Module):
             prompt_mask = None
         else:
             limit, T0 = text_cfg.max_position_embeddings, embeds.shape[1]  # the prompt, image slots included
-            if T0 + max_new_tokens - 1 > limit:  # the last new token is never fed back, so it needs no position
+            if isinstance(max_new_tokens, int) and T0 + max_new_tokens - 1 > limit:  # (decode checks the type)  # the last new token is never fed back, so it needs no position
                 raise ValueError(f"a prompt of {T0} tokens (image slots included) and {max_new_tokens} new tokens "
                                  f"need {T0 + max_new_tokens - 1} positions; the language model has {limit}; "
                                  "lower max_new_tokens or shorten the prompt")
@@ -163,7 +174,33 @@ class Blip2(nn.Module):
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             num_return_sequences=num_return_sequences,
             eos_token_id=text_cfg.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=text_cfg.pad_token_id, generator=generator, prompt_mask=prompt_mask)
+            pad_token_id=text_cfg.pad_token_id, generator=generator, prompt_mask=prompt_mask,
+            vocab_size=text_cfg.vocab_size)
+
+    def _check_inputs(self, pixel_values, input_ids, attention_mask):
+        """The caller's tensors, checked where a mistake would fail deep inside torch (or not at all); returns
+        the attention mask as integers (a float 0/1 mask, which the reference accepts, means the same)."""
+        device = self.query_tokens.device
+        for name, t in (("pixel_values", pixel_values), ("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch tensor, got {type(t).__name__}; "
+                                "use processor(..., return_tensors='pt')")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device}, the model on {device}: move the inputs there, "
+                                 f"e.g. inputs.to({str(device)!r})")
+        if input_ids is not None:
+            if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+            V = self.config.text_config.vocab_size  # the embedding table's rows
+            outside = input_ids[(input_ids < 0) | (input_ids >= V)].unique().tolist()
+            if outside:
+                raise ValueError(f"input_ids {outside[:5]} are outside the vocabulary (0..{V - 1}); were they made by "
+                                 "another model's tokenizer?")
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.long()
+        return attention_mask
 
     def default_prompt_ids(self, embeds):
         """The ids the reference puts in front of a caption when no prompt is given: `<image>` x Q + BOS. The
@@ -236,6 +273,9 @@ class Blip2(nn.Module):
             attention_mask = None if attention_mask is None else attention_mask[:, Q:]
         if input_ids.shape[1] == 0 or (attention_mask is not None and not bool(attention_mask.any(dim=1).all())):
             raise ValueError("text: empty text (no tokens); give at least one word")
+        if attention_mask is not None and not bool(attention_mask[:, 0].bool().all()):
+            raise ValueError("text: left-padded text; retrieval reads each text's first token ([CLS]), so pad on the "
+                             "right (processor.tokenizer.padding_side = 'right')")
         V = self.qformer.embeddings.word_embeddings.num_embeddings
         outside = input_ids[(input_ids < 0) | (input_ids >= V)].unique().tolist()
         if outside:

@@ -240,6 +240,12 @@ class StoredLayer(nn.Module):
         self.out_dtype = probe.dtype
         return super()._apply(lambda t: t.to(device=probe.device), recurse)
 
+    def refuse_gradients(self, x: torch.Tensor):
+        """The integer kernels have no backward: a gradient would stop here (or fail on an in-place op)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(f"{type(self).__name__}: quantized layers are for inference only (no gradient flows "
+                               "through them); load the model without quantize= to take gradients")
+
 
 class Int8Linear(StoredLayer):
     """A Linear layer y = x W^T + b whose weight is stored as int8 + per-output-channel scales."""
@@ -283,6 +289,7 @@ class Int8Linear(StoredLayer):
         return cls(torch.cat(qs), torch.cat(scales), bias, activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.refuse_gradients(x)
         shape = x.shape
         x = x.reshape(-1, self.in_features).float()  # (B, I)
         if self.packed is not None:
@@ -400,6 +407,7 @@ class Fp16Linear(StoredLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_cpu_input(x, "Fp16Linear")
+        self.refuse_gradients(x)
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
         return y.reshape(*shape[:-1], self.out_features).to(self.out_dtype)  # (..., O)

@@ -110,6 +110,15 @@ def test_sampling_is_reproducible_with_a_seed():
 @pytest.mark.parametrize("bad, message", [
     (dict(num_beams=0), "num_beams"), (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(num_return_sequences=3, num_beams=2), "num_return_sequences"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an int, got 2.5"),
+    (dict(num_beams=2.0), "num_beams must be an int, got 2.0"),
+    (dict(max_new_tokens=None), "max_new_tokens must be an int, got None"),
+    (dict(do_sample="no"), "do_sample must be True or False, got 'no'"),
+    (dict(eos_token_id=-1), r"eos_token_id \[-1\] has ids outside the vocabulary"),
+    (dict(eos_token_id=[2, 10**6]), r"eos_token_id \[2, 1000000\] has ids outside the vocabulary"),
+    (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be > 0 and finite"),
+    (dict(do_sample=True, generator=0), "generator must be a torch.Generator"),
 ])
 def test_impossible_options_are_refused(bad, message):
     model, stored, _ = fixture("opt-base")
@@ -189,3 +198,59 @@ def test_kv_cache_reorder_equals_index_select(index):
         keys, values = cache.update(layer, new, -new)
         torch.testing.assert_close(keys, torch.cat([k.index_select(0, index), new], dim=2), rtol=0, atol=0)
         torch.testing.assert_close(values, torch.cat([v.index_select(0, index), -new], dim=2), rtol=0, atol=0)
+
+
+def test_eos_token_id_as_numpy_or_tensor_is_the_same_as_an_int():
+    import numpy as np
+
+    model, stored, _ = fixture("opt-base")
+    pixel_values = stored["input.pixel_values"]
+    want = model.generate(pixel_values, max_new_tokens=6, eos_token_id=5)
+    for eos in (np.int64(5), torch.tensor(5), torch.tensor([5]), (5,)):
+        assert torch.equal(model.generate(pixel_values, max_new_tokens=6, eos_token_id=eos), want)
+
+
+def test_right_padded_opt_prompts_are_refused():
+    # OPT continues after the last position: a right-padded row would continue after its pads (the reference only
+    # warns and answers differently than for the prompt alone).
+    model, stored, _ = fixture("opt-base")
+    ids, mask = stored["input.input_ids"].clone(), stored["input.attention_mask"].clone()
+    ids[1, -1], mask[1, -1] = 1, 0  # row 1 one token shorter, padded on the right
+    right_ids, right_mask = ids, mask
+    with pytest.raises(ValueError, match="right-padded prompts.*pad on the left"):
+        model.generate(stored["input.pixel_values"], right_ids, right_mask, max_new_tokens=3)
+
+
+def test_inputs_that_would_fail_deep_in_torch_are_one_line():
+    model, stored, _ = fixture("opt-base")
+    pixel_values, ids, mask = stored["input.pixel_values"], stored["input.input_ids"], stored["input.attention_mask"]
+    V = model.language_model.embed_tokens.num_embeddings
+    cases = [
+        (dict(pixel_values=pixel_values.to("meta")), ValueError, "pixel_values is on meta, the model on cpu"),
+        (dict(input_ids=ids.masked_fill(ids == ids.max(), V)), ValueError, f"outside the vocabulary .0..{V - 1}."),
+        (dict(input_ids=ids.float()), TypeError, "input_ids must hold integer token ids, got torch.float32"),
+        (dict(input_ids=ids.tolist()), TypeError, "input_ids must be a torch tensor, got list"),
+    ]
+    for change, error, message in cases:
+        inputs = dict(pixel_values=pixel_values, input_ids=ids, attention_mask=mask) | change
+        for call in (model.generate, model.forward):
+            with pytest.raises(error, match=message) as e:
+                call(**inputs)
+            assert "\n" not in str(e.value)
+    # A float 0/1 mask, which the reference accepts, means the same as the integer one.
+    assert torch.equal(model(pixel_values, ids, mask.float()), model(pixel_values, ids, mask))
+
+
+def test_gradients_through_packed_or_int8_layers_are_refused():
+    from blip2_mini.cpu import can_prepack
+
+    model, stored, _ = fixture("opt-base")
+    pixel_values = stored["input.pixel_values"].clone().requires_grad_()
+    models = [load_model(FIXTURES / "opt-base", quantize="int8", progress=False)]
+    if can_prepack(torch.float32):
+        models.append(load_model(FIXTURES / "opt-base", prepack=True, progress=False))
+    for m in models:
+        with pytest.raises(RuntimeError, match="inference only.*load the model without"):
+            m(pixel_values, stored["input.input_ids"], stored["input.attention_mask"])
+        with torch.no_grad():  # and without gradients they compute as usual
+            m(pixel_values, stored["input.input_ids"], stored["input.attention_mask"])
