@@ -637,6 +637,9 @@ def _check_processor_fits(config: Blip2Config, processor, directory: Path):
     if slots is not None and slots != config.num_query_tokens:
         raise CheckpointError(f"{directory}: processor_config.json says {slots} image slots, config.json "
                               f"{config.num_query_tokens} queries; the files come from different checkpoints")
+    if slots is not None and config.image_token_index is None:  # the slots would be read as text
+        raise CheckpointError(f"{directory}: processor_config.json writes {slots} <image> slots but config.json has "
+                              f"no image_token_index; add \"image_token_index\": {processor.image_token_id} to it")
     if config.text_config is not None:
         rows, tokens = config.text_config.vocab_size, len(processor.tokenizer)
         if tokens > rows + 1:  # + 1: the processor's own <image> token may sit just past the table (never embedded)

@@ -358,6 +358,16 @@ def read_image_processor_config(directory) -> dict:
 # ---- the processor ------------------------------------------------------------------------------------------
 
 
+def _is_retrieval_checkpoint(directory: Path) -> bool:
+    """Whether config.json next to the processor files describes a retrieval (stage-1) model, without an LLM."""
+    from .config import Blip2Config, ConfigError
+
+    try:
+        return Blip2Config.from_json_file(directory / "config.json").text_config is None
+    except ConfigError:  # no or another config.json: a processor on its own
+        return False
+
+
 def _is_decoder_only(tokenizer) -> bool:
     """OPT's byte-level BPE is the only decoder-only language model tokenizer BLIP-2 ships with."""
     from .bpe import ByteLevelBPETokenizer
@@ -416,6 +426,8 @@ class Blip2Processor:
         directory = Path(directory)
         image_processor = ImageProcessor.from_dict(read_image_processor_config(directory))
         config = _read_json(directory / PROCESSOR_CONFIG) if (directory / PROCESSOR_CONFIG).is_file() else {}
+        if padding_side is None and _is_retrieval_checkpoint(directory):
+            padding_side = "right"  # no language model: texts are read at their first token, whatever the tokenizer
         processor = cls(image_processor, load_tokenizer(directory), config.get("num_query_tokens"), padding_side)
         processor.source_directory = directory
         return processor
@@ -484,9 +496,27 @@ class Blip2Processor:
         return out
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """One sequence of ids -> text, without `<image>`, BOS/EOS and pads, and without surrounding spaces."""
+        """One sequence of ids (T,) -> text, without `<image>`, BOS/EOS and pads, and without surrounding spaces."""
+        if _depth(ids) != 1:
+            raise ValueError("decode takes one sequence (T,); use batch_decode for several (B, T), e.g. the output "
+                             "of model.generate")
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).strip()
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
-        """(B, L) ids (a tensor or lists) -> B texts."""
+        """(B, T) ids (a tensor or lists) -> B texts."""
+        if _depth(sequences) != 2 and len(sequences) > 0:
+            raise ValueError("batch_decode takes sequences (B, T); use decode for one sequence (T,)")
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+
+
+def _depth(ids) -> int:
+    """How deeply ids are nested: 1 for one sequence (a list or a 1-D tensor), 2 for a batch."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        return ids.ndim
+    depth = 0
+    while isinstance(ids, (list, tuple)):
+        depth += 1
+        if not ids:
+            break
+        ids = ids[0]
+    return depth + (1 if isinstance(ids, (torch.Tensor, np.ndarray)) and ids.ndim else 0)

@@ -63,8 +63,14 @@ def _check_texts(texts) -> list[str]:
 
 
 def _tokenize(processor, texts: list[str], device):
-    """Plain Q-Former ids "[CLS] ... [SEP] [PAD]..." (B, T) and their mask, on `device`."""
-    enc = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    """Plain Q-Former ids "[CLS] ... [SEP] [PAD]..." (B, T) and their mask, on `device`: padded on the right
+    whatever the processor's side, since each text is read at its first token."""
+    tokenizer, side = processor.tokenizer, processor.tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
@@ -98,6 +104,8 @@ def rank_images(model, processor, images, query: str, top_k: int = 5, batch_size
         raise ValueError("rank: no images to rank")
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"rank: top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
+    if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in images):
+        raise ValueError("rank: images must be (name, image) pairs, e.g. [(path, load_image(path)), ...]")
     names, pictures = zip(*images)
     input_ids, attention_mask = _tokenize(processor, [query], device)  # (1, T)
 

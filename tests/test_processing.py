@@ -579,3 +579,15 @@ def test_resized_is_the_first_half_of_preprocess():
         small = processor.resized(image)
         assert small.size == (processor.width, processor.height) and small.mode == "RGB"
         assert np.array_equal(processor.preprocess(small), processor.preprocess(image))
+
+
+def test_decode_takes_one_sequence_and_batch_decode_several():
+    from blip2_mini.processing import Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(ROOT / "weights" / "blip2-shapes-tiny")
+    ids = processor(text=["a red circle"], return_tensors="pt")["input_ids"]  # (1, T)
+    assert processor.decode(ids[0]) == processor.batch_decode(ids)[0] == "a red circle"
+    with pytest.raises(ValueError, match=r"decode takes one sequence \(T,\); use batch_decode"):
+        processor.decode(ids)
+    with pytest.raises(ValueError, match=r"batch_decode takes sequences \(B, T\); use decode"):
+        processor.batch_decode(ids[0])

@@ -357,3 +357,39 @@ def test_model_methods_match_live_reference(config_id, tmp_path):
     reference = reference_outputs(tmp_path, pixel_values, input_ids, attention_mask, image_token_index)
     model = load_model(tmp_path, progress=False)
     assert_outputs_match(our_outputs(model, pixel_values, input_ids, attention_mask, image_token_index), reference)
+
+
+SHIPPED_ITM = Path(__file__).resolve().parents[1] / "weights" / "blip2-shapes-tiny-itm"
+
+
+@pytest.mark.skipif(not (SHIPPED_ITM / "config.json").exists(), reason="no shipped retrieval model")
+def test_a_texts_scores_do_not_depend_on_the_other_texts_in_the_batch():
+    # The shipped model's tokenizer is byte-level BPE (padded on the left for OPT); retrieval reads each text's
+    # first token, so its texts must be padded on the right, and processor-layout <image> slots must be known.
+    from blip2_mini import load
+
+    model, processor = load(SHIPPED_ITM, progress=False)
+    image = gallery()[0][1]
+    texts = ["a red circle", "a small blue square at the top and a large green cross on the left"]
+    together = match_scores(model, processor, image, texts)
+    alone = [match_scores(model, processor, image, [t])[0] for t in texts]
+    for (text, itm, itc), (_, itm1, itc1) in zip(together, alone):
+        assert abs(itm - itm1) < 1e-5 and abs(itc - itc1) < 1e-5, text
+    enc = processor(images=[image, image], text=texts)  # processor layout: Q <image> slots, then the text
+    plain = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    assert torch.allclose(model.itc(enc["pixel_values"], enc["input_ids"], enc["attention_mask"]),
+                          model.itc(enc["pixel_values"], plain["input_ids"], plain["attention_mask"]), atol=1e-6)
+
+
+def test_left_padded_text_is_refused(checkpoint_model):
+    ids = torch.tensor([[101, 2000, 102], [0, 101, 102]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    with pytest.raises(ValueError, match="left-padded text.*pad on the right") as e:
+        checkpoint_model.text_embeds(ids, mask)
+    one_line_error(e)
+
+
+def test_images_must_be_name_image_pairs(pipeline):
+    model, processor = pipeline
+    with pytest.raises(ValueError, match=r"images must be \(name, image\) pairs"):
+        rank_images(model, processor, [gallery()[0][1]], "a dog")

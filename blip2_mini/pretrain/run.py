@@ -122,7 +122,7 @@ def pretrain(recipe: Recipe, out: Path, seed: int = 0, ablation: bool = True, qu
 
     # 2. stage 1 --------------------------------------------------------------------------------------------
     lap = time.time()
-    retrieval = Blip2(replace(config, text_config=None, image_token_index=None))
+    retrieval = Blip2(replace(config, text_config=None))
     init_weights(retrieval)
     retrieval.vision_model = vit
     stage1 = Stage1Model(retrieval)
