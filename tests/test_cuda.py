@@ -40,7 +40,7 @@ def test_every_stage_matches_reference_on_the_gpu(name):
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
     ours = our_stages(model, **on_gpu(inputs), interpolate_pos_encoding=meta["interpolate_pos_encoding"])
     assert {t.device.type for t in ours.values()} == {"cuda"}
-    # The CPU test's tolerance, with the relative part 5x wider: the GPU sums in yet another order.
+    # 1e-4 of the largest value: the GPU sums in yet another order (T5 logits moved by 2e-5 of theirs between CPUs).
     compare_stages({k: v.cpu() for k, v in ours.items()}, reference, inputs.get("attention_mask"), atol=1e-5,
                    rtol=1e-4)
 

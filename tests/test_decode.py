@@ -269,6 +269,29 @@ def test_repetition_penalty_by_hand():
     assert out.tolist() == [[2.0, -1.0, 0.5, 2.0]]
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_repetition_penalty_skips_left_padding_in_generation(num_beams):
+    """The padding id is the favourite here: penalising it because it pads the prompt would change the first
+    token (3.0 / 2 = 1.5 < 2.5), so greedy and beam search must pass each row's padding to the penalty."""
+    logits = torch.tensor([0.0, 3.0, 2.5, 0.0, 0.0, 0.0])
+    ids, mask = torch.tensor([[1, 1, 5]]), torch.tensor([[0, 0, 1]])
+    out = decode.generate(FixedLogits(logits, 1), ids, prompt_mask=mask, max_new_tokens=2, num_beams=num_beams,
+                          repetition_penalty=2.0, eos_token_id=None, pad_token_id=1)
+    assert out[0, 0].item() == 1
+    unmasked = decode.generate(FixedLogits(logits, 1), ids, max_new_tokens=2, num_beams=num_beams,
+                               repetition_penalty=2.0, eos_token_id=None, pad_token_id=1)
+    assert unmasked[0, 0].item() == 2  # without the mask the padding counts as seen: the test can tell
+
+
+def test_top_p_keeps_the_token_that_reaches_p_exactly():
+    """top_p keeps the smallest set whose mass reaches p: with [.5, .25, .25] and p = .5 the first token alone
+    (its mass equals p), with p = .75 the first two (a tie at the boundary is not needed to reach p)."""
+    scores = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isfinite(decode.top_p_filter(scores, 0.5)).tolist() == [[True, False, False]]
+    assert torch.isfinite(decode.top_p_filter(scores, 0.75)).tolist() == [[True, True, False]] or \
+        torch.isfinite(decode.top_p_filter(scores, 0.75)).tolist() == [[True, False, True]]
+
+
 def test_min_new_tokens_suppresses_every_eos():
     logits = torch.tensor([0.0, 5.0, 4.0, 1.0])  # EOS ids 1 and 2 are the favourites
     out = decode.generate(FixedLogits(logits, 1), torch.zeros(1, 0, dtype=torch.long), max_new_tokens=6,

@@ -286,6 +286,18 @@ def test_live_cached_decode_matches_reference_cache(config_id):
         assert_close(f"cached step {i}", ours.decode(ids[:, i:i + 1], encoded, mask, cache), step.logits)
 
 
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 12), (16, 50)])
+def test_relative_position_buckets_match_the_stored_reference(bidirectional, num_buckets, max_distance):
+    from blip2_mini.t5 import relative_position_bucket
+
+    stored = load_file(Path(__file__).parent / "fixtures" / "t5" / "buckets.safetensors")
+    expected = stored[f"{'encoder' if bidirectional else 'decoder'}.{num_buckets}.{max_distance}"]
+    relative = torch.arange(-300, 301)[None, :]  # key position - query position
+    assert torch.equal(relative_position_bucket(relative, bidirectional, num_buckets, max_distance)[0], expected)
+    assert len(expected.unique()) >= num_buckets - 1  # the distances reach every bucket (encoder: but "+0")
+
+
 @pytest.mark.live
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["encoder", "decoder"])
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 12), (16, 50)])

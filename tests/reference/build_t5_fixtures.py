@@ -10,6 +10,8 @@ Writes tests/fixtures/t5/:
                          encoder output, encoder hidden states and decoder logits in fp32 (its "eager"
                          attention), and its logits with the model and inputs in bf16 (its default "sdpa"
                          attention: in bf16 its two attention paths differ by as much as bf16 from fp32)
+    buckets.safetensors  the reference's relative-position bucket of every distance -300..300, encoder and
+                         decoder, for each of BUCKET_SETTINGS (so that the default tests check them too)
 
 The live tests (pytest --live) import `reference_t5`, `example_inputs` and `reference_outputs` from here to
 build fresh models for every config in CONFIGS; the default tests only read CONFIGS and the stored files.
@@ -103,6 +105,19 @@ def reference_state_dict(model) -> dict:
             if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
 
 
+BUCKET_SETTINGS = [(32, 128), (8, 12), (16, 50)]  # (num_buckets, max_distance): Flan-T5's, and two odd ones
+BUCKET_DISTANCES = torch.arange(-300, 301)[None, :]  # key position - query position
+
+
+def write_bucket_tables():
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    tables = {f"{'encoder' if bidirectional else 'decoder'}.{n}.{d}":
+              T5Attention._relative_position_bucket(BUCKET_DISTANCES, bidirectional, n, d)[0].contiguous()
+              for n, d in BUCKET_SETTINGS for bidirectional in (True, False)}
+    save_file(tables, OUT / "buckets.safetensors")
+
+
 def main():
     from hf_models import REFERENCE_VERSION
 
@@ -121,6 +136,7 @@ def main():
             "attn_implementation": {"fp32": "eager", "bf16": "sdpa"},
             "reference": f"transformers {REFERENCE_VERSION}, torch {torch.__version__}"}
     (OUT / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_bucket_tables()
     size_kb = sum(f.stat().st_size for f in OUT.iterdir()) / 1024
     print(f"tests/fixtures/t5: {FIXTURE_CONFIG}, {size_kb:.0f} KB")
 
