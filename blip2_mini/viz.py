@@ -51,14 +51,25 @@ def apply_colormap(t: np.ndarray, cmap: str = "viridis") -> np.ndarray:
     if cmap not in COLORMAPS:
         raise ValueError(f"unknown colormap {cmap!r}: use one of {', '.join(COLORMAPS)}")
     anchors = np.array(COLORMAPS[cmap], dtype=np.float64)  # (n, 3)
+    t = np.asarray(t, dtype=np.float64)
+    if not np.isfinite(t).all():
+        raise ValueError("apply_colormap: values contain NaN or infinite values")
     position = np.clip(t, 0, 1) * (len(anchors) - 1)  # (...) in [0, n - 1]
     left = np.minimum(np.floor(position).astype(int), len(anchors) - 2)  # the anchor at or below
     frac = (position - left)[..., None]  # (..., 1) how far towards the next anchor
     return np.round((1 - frac) * anchors[left] + frac * anchors[left + 1]).astype(np.uint8)
 
 
+def _as_array(values) -> np.ndarray:
+    """NumPy arrays, nested lists and torch tensors (any float dtype, on any device, with or without gradients:
+    an attention map of a bf16 model on a GPU) -> a float64 NumPy array."""
+    if hasattr(values, "detach"):  # a torch tensor; torch itself is not imported for the notebooks' sake
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
 def _as_2d(values, name: str = "values") -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
+    array = _as_array(values)
     if array.ndim != 2 or 0 in array.shape:
         raise ValueError(f"{name}: expected a non-empty 2-D array, got shape {array.shape}")
     if not np.isfinite(array).all():
@@ -68,6 +79,11 @@ def _as_2d(values, name: str = "values") -> np.ndarray:
 
 def normalize(values: np.ndarray, vmin=None, vmax=None) -> np.ndarray:
     """Map [vmin, vmax] (default: the array's own range) to [0, 1]; a constant array maps to 0."""
+    given = [float(v) for v in (vmin, vmax) if v is not None]
+    if not all(np.isfinite(given)):
+        raise ValueError(f"vmin and vmax must be finite numbers, got {vmin} and {vmax}")
+    if vmin is not None and vmax is not None and float(vmin) > float(vmax):
+        raise ValueError(f"vmin {float(vmin)} is above vmax {float(vmax)}")
     vmin = float(values.min()) if vmin is None else float(vmin)
     vmax = float(values.max()) if vmax is None else float(vmax)
     if vmax <= vmin:
@@ -131,6 +147,8 @@ def image_grid(images, cols: int | None = None, labels=None, pad: int = 4, backg
 
 def _cell_size(shape, size: int | None) -> int:
     """Whole pixels per cell so that the longer side is about `size` (256 by default), at least 1."""
+    if size is not None and size < 1:
+        raise ValueError(f"size must be at least 1 pixel, got {size}")
     return max(1, (256 if size is None else size) // max(shape))
 
 
@@ -158,6 +176,8 @@ def overlay_heatmap(image, values, alpha: float = 0.5, cmap: str = "viridis", si
         raise ValueError(f"overlay_heatmap: alpha must be in [0, 1], got {alpha}")
     image = _to_rgb(image)
     if size is not None:
+        if size < 1:
+            raise ValueError(f"overlay_heatmap: size must be at least 1 pixel, got {size}")
         scale = size / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.BICUBIC)  # fmt: skip
@@ -250,9 +270,14 @@ def bar_chart(values, labels=None, title: str | None = None, width: int = 320, v
     A bar is round(value / vmax * bar area width) pixels long; vmax defaults to the largest value (pass 1.0 to
     draw probabilities on an absolute scale). Values must be >= 0.
     """
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = _as_array(values)
+    if values.ndim > 1:
+        raise ValueError(f"bar_chart: one value per bar (a 1-D array), got shape {values.shape}")
+    values = values.reshape(-1)
     if values.size == 0:
         raise ValueError("bar_chart: no values")
+    if vmax is not None and not (np.isfinite(vmax) and vmax > 0):
+        raise ValueError(f"bar_chart: vmax must be a positive number, got {vmax}")
     if not np.isfinite(values).all() or values.min() < 0:
         raise ValueError(f"bar_chart: values must be finite and >= 0, got [{values.min()}, {values.max()}]")
     labels = [str(t) for t in labels] if labels is not None else [str(i) for i in range(len(values))]

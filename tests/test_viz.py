@@ -59,6 +59,27 @@ def test_heatmap_errors(values, message):
         viz.heatmap(values)
 
 
+def test_maps_from_a_bf16_model_or_with_gradients_are_drawn():
+    values = torch.tensor([[0.0, 0.5], [1.0, 2.0]])
+    want = np.asarray(viz.heatmap(values))
+    assert np.array_equal(np.asarray(viz.heatmap(values.bfloat16())), want)  # 0, .5, 1, 2 are exact in bf16
+    assert np.array_equal(np.asarray(viz.heatmap(values.clone().requires_grad_())), want)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: viz.apply_colormap(np.array([np.nan, 0.5])), "NaN or infinite"),
+    (lambda: viz.heatmap(np.ones((2, 2)), vmin=np.nan), "vmin and vmax must be finite"),
+    (lambda: viz.heatmap(np.ones((2, 2)), vmin=1, vmax=0), "vmin 1.0 is above vmax 0.0"),
+    (lambda: viz.heatmap(np.ones((2, 2)), size=0), "size must be at least 1"),
+    (lambda: viz.bar_chart([1, 2], vmax=float("nan")), "vmax must be a positive number"),
+    (lambda: viz.bar_chart([1, 2], vmax=0), "vmax must be a positive number"),
+    (lambda: viz.bar_chart([[1, 2]]), "one value per bar"),
+], ids=["colormap-nan", "vmin-nan", "vmin-above-vmax", "size-0", "bar-vmax-nan", "bar-vmax-0", "bar-2d"])
+def test_arguments_that_would_draw_nothing_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 # ---- overlay -------------------------------------------------------------------------------------------------------
 
 
