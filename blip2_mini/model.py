@@ -80,6 +80,9 @@ class Blip2(nn.Module):
 
     def project(self, query_output):
         """(B, Q, Dq) -> (B, Q, Dlm) soft visual prompt for the language model."""
+        if self.language_model is None:
+            raise ValueError("project: a retrieval checkpoint has no language model to project into; use "
+                             "image_embeds() / itc() / itm()")
         if query_output.ndim != 3 or query_output.shape[-1] != self.language_projection.in_features:
             raise ValueError(f"project: expected query_output (B, Q, {self.language_projection.in_features}), "
                              f"got {tuple(query_output.shape)}")

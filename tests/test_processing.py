@@ -591,3 +591,11 @@ def test_decode_takes_one_sequence_and_batch_decode_several():
         processor.decode(ids)
     with pytest.raises(ValueError, match=r"batch_decode takes sequences \(B, T\); use decode"):
         processor.batch_decode(ids[0])
+
+
+def test_prompt_with_the_image_placeholder_is_refused():
+    from blip2_mini.processing import Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(ROOT / "weights" / "blip2-shapes-tiny")
+    with pytest.raises(ValueError, match="text contains '<image>', the placeholder of the image slots"):
+        processor(images=Image.new("RGB", (8, 8)), text="<image> what is it?")

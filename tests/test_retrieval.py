@@ -393,3 +393,9 @@ def test_images_must_be_name_image_pairs(pipeline):
     model, processor = pipeline
     with pytest.raises(ValueError, match=r"images must be \(name, image\) pairs"):
         rank_images(model, processor, [gallery()[0][1]], "a dog")
+
+
+def test_a_retrieval_checkpoint_has_nothing_to_project_into(checkpoint_model):
+    with pytest.raises(ValueError, match="project: a retrieval checkpoint has no language model") as e:
+        checkpoint_model.image_prompt(torch.zeros(1, 3, 28, 28))
+    one_line_error(e)
