@@ -476,9 +476,6 @@ class Blip2Processor:
             texts = [text] if isinstance(text, str) else text
             if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a string or a non-empty list of strings")
-            if any(IMAGE_TOKEN in t for t in texts):  # it would become a slot the model fills with a query
-                raise ValueError(f"text contains {IMAGE_TOKEN!r}, the placeholder of the image slots; the processor "
-                                 "writes the slots itself: pass the prompt without it")
             encoded = self.tokenizer(list(texts), padding=bool(padding), add_special_tokens=True)
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
             if images is not None and self.num_query_tokens is not None:

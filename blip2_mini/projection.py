@@ -28,7 +28,8 @@ def insert_queries(inputs_embeds, input_ids, query_embeds, image_token_index: in
     Q = query_embeds.shape[1]
     if not bool((per_row == Q).all()):
         raise ValueError(f"projection: every prompt must contain exactly {Q} <image> tokens (id {image_token_index}) "
-                         f"for the {Q} queries, found {per_row.tolist()}; build the prompt with the processor")
+                         f"for the {Q} queries, found {per_row.tolist()}; build the prompt with the processor "
+                         "(which writes them), without '<image>' in the text itself")
     out = inputs_embeds.clone()
     out[is_slot] = query_embeds.reshape(-1, query_embeds.shape[-1]).to(out.dtype)  # row-major: (B*Q, Dlm)
     return out
