@@ -7,12 +7,12 @@
                                [--keep-runs]
 
 What it does, in one run:
-1. Builds once (cached under benchmarks/cache/blip2-opt-2.7b-<shape>/) a blip2-opt-2.7b-shaped checkpoint with random weights
-   in the official layout: fp32, sharded at 2 GB with `model.safetensors.index.json`, the names and key set
-   that `transformers`' save_pretrained writes (the tied OPT head is not stored). `full` is the published
-   shape (ViT-g 39 x 1408, Q-Former 12 x 768 with 32 queries, OPT 32 x 2560, vocab 50304, 15.5 GB);
-   `quarter` keeps every width and cuts the depths to a quarter (ViT 10, Q-Former 3, OPT 8); `tiny` is for
-   checking that the script runs.
+1. Builds once (cached under benchmarks/cache/blip2-opt-2.7b-<shape>/) a blip2-opt-2.7b-shaped checkpoint
+   with random weights in the official layout: fp32, sharded at 2 GB with `model.safetensors.index.json`, the
+   names and key set that `transformers`' save_pretrained writes (the tied OPT head is not stored). `full` is
+   the published shape (ViT-g 39 x 1408, Q-Former 12 x 768 with 32 queries, OPT 32 x 2560, vocab 50304,
+   15.5 GB); `quarter` keeps every width and cuts the depths to a quarter (ViT 10, Q-Former 3, OPT 8); `tiny`
+   is for checking that the script runs.
 2. Measures the machine: fp32 (and bf16) matmul peak in GFLOP/s, memory bandwidth in GB/s (a large copy,
    counting bytes read + written; reading: the faster of a large sum and a large matrix-vector product).
    Floors: vision encode = FLOPs / matmul peak; decode per token = bytes of language-model weights / read

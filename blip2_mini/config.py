@@ -229,6 +229,7 @@ def _check_types(cls, values: dict, where: str):
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            raise ConfigError(f"{where}: {f.name} is {value!r}, expected {'an' if kind is int else 'a'} {kind.__name__}")
+            article = "an" if kind is int else "a"
+            raise ConfigError(f"{where}: {f.name} is {value!r}, expected {article} {kind.__name__}")
         if kind is int and not f.name.endswith(("token_id", "token_index")) and value < 1:
             raise ConfigError(f"{where}: {f.name} must be at least 1, got {value}")

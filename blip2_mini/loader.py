@@ -424,10 +424,10 @@ def auto_dtype(device="cpu") -> tuple[torch.dtype, dict | None]:
     """(dtype, dtype_policy) that fit the hardware, for load(..., dtype=..., dtype_policy=...) and the command
     line's `--dtype auto`. A GPU: bf16 everywhere (fp16 where bf16 is not supported). A CPU that multiplies
     bf16 natively: the ViT and the language model in bf16 (the prompt pass is compute-bound; decoding reads
-    half of fp32's bytes), and the small Q-Former in fp32, as the paper keeps it (blip2-opt-2.7b's shape, 2 threads, all in bf16: caption
-    5.7 s instead of 8.6 s in fp32, benchmarks/RESULTS.md). Any other CPU: fp32, which it computes fastest.
-    Fewer bytes per weight for decoding is quantization (load(quantize=...)), which changes the numbers a
-    little, so it is left to the caller."""
+    half of fp32's bytes), and the small Q-Former in fp32, as the paper keeps it (blip2-opt-2.7b's shape,
+    2 threads, all in bf16: caption 5.7 s instead of 8.6 s in fp32, benchmarks/RESULTS.md). Any other CPU:
+    fp32, which it computes fastest. Fewer bytes per weight for decoding is quantization (load(quantize=...)),
+    which changes the numbers a little, so it is left to the caller."""
     device = torch.device(device)
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
@@ -487,7 +487,8 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_pol
                 continue
             for ours, t in renamed:
                 if not t.is_floating_point() or t.layout != torch.strided:  # every parameter is a dense float
-                    mismatched.append(f"{name}: stored as {t.dtype}, expected a float tensor")
+                    kind = t.dtype if t.layout == torch.strided else t.layout
+                    mismatched.append(f"{name}: stored as {kind}, expected a dense float tensor")
                     filled[ours] = None
                 elif tuple(t.shape) != tuple(expected[ours].shape):
                     mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[ours].shape)}")
@@ -603,9 +604,9 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu", dtype_policy: d
     """Load an official BLIP-2 checkpoint directory: returns (model, processor).
 
     dtype         the dtype of the weights in memory: torch.float32, bfloat16 or float16 (or its name, "bfloat16",
-                  as transformers accepts it). With float16 the Q-Former
-                  and Flan-T5's FFN output projections stay fp32, as in the reference; Flan-T5 in float16 is
-                  still not safe (it was trained in bf16): prefer bfloat16 for it.
+                  as transformers accepts it). With float16 the Q-Former and Flan-T5's FFN output projections
+                  stay fp32, as in the reference; Flan-T5 in float16 is still not safe (it was trained in bf16):
+                  prefer bfloat16 for it.
     device        any torch device; tensors are read straight onto it.
     dtype_policy  per-stage dtypes by name prefix, e.g. {"vision_model": torch.bfloat16, "qformer":
                   torch.float32, "language_model": torch.bfloat16}; overrides `dtype` where it matches.

@@ -164,7 +164,8 @@ class Blip2(nn.Module):
             prompt_mask = None
         else:
             limit, T0 = text_cfg.max_position_embeddings, embeds.shape[1]  # the prompt, image slots included
-            if isinstance(max_new_tokens, int) and T0 + max_new_tokens - 1 > limit:  # (decode checks the type)  # the last new token is never fed back, so it needs no position
+            # The last new token is never fed back, so it needs no position (decode checks max_new_tokens' type).
+            if isinstance(max_new_tokens, int) and T0 + max_new_tokens - 1 > limit:
                 raise ValueError(f"a prompt of {T0} tokens (image slots included) and {max_new_tokens} new tokens "
                                  f"need {T0 + max_new_tokens - 1} positions; the language model has {limit}; "
                                  "lower max_new_tokens or shorten the prompt")

@@ -405,7 +405,7 @@ def _edit_weights(directory, edit):
 DAMAGE = {
     "integer weight": (lambda d: _edit_weights(d, lambda s: s.update(
         {"language_projection.weight": s["language_projection.weight"].long()})),
-        r"language_projection.weight: stored as torch.int64, expected a float tensor"),
+        r"language_projection.weight: stored as torch.int64, expected a dense float tensor"),
     "qkv_bias false, biases stored": (lambda d: _edit_config(d, lambda c: c["vision_config"].update(qkv_bias=False)),
                                       r"unexpected \(vision_model.encoder.layers.0.self_attn.qkv.bias"),
     "config is a list": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: not a JSON object"),
