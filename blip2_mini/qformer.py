@@ -206,5 +206,6 @@ def stage1_attention_mask(kind: str, num_queries: int, text_mask: torch.Tensor) 
         raise ValueError(f"unknown mask kind {kind!r}: use 'bidirectional', 'multimodal_causal' or 'unimodal'")
     key_valid = F.pad(text_mask.bool(), (Q, 0), value=True)  # (B, L): padding columns are never seen
     allowed = allowed[None] & key_valid[:, None, :]  # (B, L, L)
-    # A padding row would otherwise see nothing at all; let it see itself so every softmax row is defined.
+    # Every row also sees itself: a row whose allowed columns are all padding (an all-padding text under the
+    # unimodal mask) would otherwise have no key at all, and its softmax would be undefined.
     return allowed | torch.eye(L, dtype=torch.bool, device=text_mask.device)[None]
