@@ -109,7 +109,8 @@ def build_parser():
     p.add_argument("images", nargs="+", type=Path, help="image files and/or directories")
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
-    p.add_argument("--json", action="store_true", help="one JSON object per line: image, text, token_ids")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line and image: image, text, token_ids (or image, error)")
     add_model_options(p)
     add_generation_options(p)
 
@@ -257,11 +258,18 @@ def family_of(model):
 # ---- commands --------------------------------------------------------------------------------------------
 
 
+def report_failures(failed, as_json=False):
+    """Each (path, reason) on stderr; with --json also a record on stdout, so that every input has its line."""
+    for path, reason in failed:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"image": str(path), "error": reason}), flush=True)
+
+
 def cmd_caption(args):
     check_generation_options(args)
     paths, missing = expand_images(args.images)
-    for path, reason in missing:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+    report_failures(missing, args.json)
     if not paths:
         if missing:
             return 1
@@ -271,8 +279,7 @@ def cmd_caption(args):
     for start in range(0, len(paths), args.batch_size):
         loaded, failed = read_images(paths[start:start + args.batch_size])
         end_progress_line()
-        for path, reason in failed:
-            print(f"error: {path}: {reason}", file=sys.stderr)
+        report_failures(failed, args.json)
         failures += len(failed)
         if loaded:
             names, images = zip(*loaded)

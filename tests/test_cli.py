@@ -317,3 +317,18 @@ def test_processor_and_model_must_agree_on_the_image_slots(tmp_path):
                        match="processor_config.json says 16 image slots, config.json 32 queries"):
         blip2_mini.load(directory, progress=False)
 
+
+
+def test_json_output_has_a_record_for_every_image_including_failures(capsys, tmp_path):
+    for n in reference("opt-pipeline")["images"]:
+        shutil.copy(EXAMPLES / n, tmp_path / n)
+    (tmp_path / "broken.png").write_text("not an image")
+    status, out, err = run(capsys, "caption", tmp_path, tmp_path / "missing.png", "--weights", PIPELINES / "opt-pipeline",
+                           "--max-new-tokens", 3, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert status == 1 and len(rows) == 5  # 3 captions, the broken file, the missing path
+    failed = {Path(r["image"]).name: r["error"] for r in rows if "error" in r}
+    assert failed == {"missing.png": "no such file or directory",
+                      "broken.png": "not an image file (Pillow cannot identify its format)"}
+    assert all("text" in r and "token_ids" in r for r in rows if "error" not in r)
+    assert "error: " in err  # and still on stderr
