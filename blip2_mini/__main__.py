@@ -266,6 +266,10 @@ def report_failures(failed, as_json=False):
             print(json.dumps({"image": str(path), "error": reason}), flush=True)
 
 
+def no_images(where) -> UsageError:
+    return UsageError(f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) found in {where}")
+
+
 def cmd_caption(args):
     check_generation_options(args)
     paths, missing = expand_images(args.images)
@@ -273,7 +277,7 @@ def cmd_caption(args):
     if not paths:
         if missing:
             return 1
-        raise UsageError(f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) found in " + ", ".join(map(str, args.images)))
+        raise no_images(", ".join(map(str, args.images)))
     model, processor = load_checkpoint(args)
     failures = len(missing)
     for start in range(0, len(paths), args.batch_size):
@@ -301,7 +305,7 @@ def cmd_vqa(args):
     check_generation_options(args)
     loaded, failed = read_images([args.image])  # before loading: a typo should not cost a minute of loading
     if failed:
-        print(f"error: {failed[0][0]}: {failed[0][1]}", file=sys.stderr)
+        report_failures(failed)
         return 1
     model, processor = load_checkpoint(args)
     try:
@@ -327,7 +331,7 @@ def cmd_match(args):
 
     loaded, failed = read_images([args.image])
     if failed:
-        print(f"error: {failed[0][0]}: {failed[0][1]}", file=sys.stderr)
+        report_failures(failed)
         return 1
     model, processor = load_checkpoint(args)
     require_retrieval(model)
@@ -343,7 +347,7 @@ def cmd_rank(args):
         raise UsageError(f"{args.folder}: not a directory")
     paths, _ = expand_images([args.folder])
     if not paths:
-        raise UsageError(f"no images ({' '.join(sorted(IMAGE_SUFFIXES))}) found in {args.folder}")
+        raise no_images(args.folder)
     model, processor = load_checkpoint(args)
     require_retrieval(model)
     # Every image is needed twice (ITC over all, ITM over the best): keep each at the model's input size, not
@@ -354,8 +358,7 @@ def cmd_rank(args):
         loaded += [(name, processor.image_processor.resized(image, str(name))) for name, image in ok]
         failed += bad
         progress(i, len(paths), "reading images")
-    for path, reason in failed:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+    report_failures(failed)
     results = rank_images(model, processor, loaded, args.query, top_k=args.top_k, batch_size=args.batch_size,
                           device=args.device, on_progress=lambda d, t: progress(d, t, "embedding images"))
     for rank, (path, itc, itm) in enumerate(results, 1):
@@ -368,7 +371,7 @@ def cmd_stages(args):
 
     loaded, failed = read_images([args.image])
     if failed:
-        print(f"error: {failed[0][0]}: {failed[0][1]}", file=sys.stderr)
+        report_failures(failed)
         return 1
     model, processor = load_checkpoint(args)
     pixel_values = processor(images=[loaded[0][1]], return_tensors="pt")["pixel_values"].to(args.device)

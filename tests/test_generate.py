@@ -244,7 +244,7 @@ def test_inputs_that_would_fail_deep_in_torch_are_one_line():
 def test_gradients_through_packed_or_int8_layers_are_refused():
     from blip2_mini.cpu import can_prepack
 
-    model, stored, _ = fixture("opt-base")
+    stored = load_file(FIXTURES / "opt-base" / "reference.safetensors")
     pixel_values = stored["input.pixel_values"].clone().requires_grad_()
     models = [load_model(FIXTURES / "opt-base", quantize="int8", progress=False)]
     if can_prepack(torch.float32):
