@@ -94,8 +94,8 @@ def add_generation_options(p):
     g.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1.0 = off; 1.5 is strong")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample: sampling temperature")
-    g.add_argument("--top-k", type=non_negative_int, default=0,
-                   help="with --sample: sample among the k most likely (0 = off)")
+    g.add_argument("--top-k", type=non_negative_int, default=50,
+                   help="with --sample: sample among the k most likely (0 = off; 50 as in transformers)")
     g.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus sampling mass in (0, 1] (1 = off)")
     g.add_argument("--seed", type=seed, default=0, help="with --sample: random seed")
 
@@ -156,7 +156,7 @@ def check_generation_options(args):
         raise UsageError("--sample and --num-beams > 1 cannot be combined (beam sampling is not supported)")
     # An option that would be ignored is refused: who types --temperature 0.7 expects sampling, not greedy.
     if not args.sample:
-        sampling = (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
+        sampling = (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, 50), ("--top-p", args.top_p, 1.0),
                     ("--seed", args.seed, 0))
         unused = [name for name, value, default in sampling if value != default]
         if unused:

@@ -361,9 +361,10 @@ def _as_list(ids) -> list[int]:
     """One id or several, as an int, a list or tuple, a NumPy integer or a tensor -> [int, ...]."""
     if isinstance(ids, Tensor):
         ids = ids.reshape(-1).tolist()
-    ids = [ids] if isinstance(ids, numbers.Integral) else list(ids)
+    given = ids
+    ids = [ids] if isinstance(ids, numbers.Integral) else list(ids) if isinstance(ids, (list, tuple)) else [ids]
     if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"generate: eos_token_id must be token ids (ints), got {ids!r}")
+        raise ValueError(f"generate: eos_token_id must be token ids (ints), got {given!r}")
     return [int(i) for i in ids]
 
 

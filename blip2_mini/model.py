@@ -30,6 +30,8 @@ from .qformer import QFormer, stage1_attention_mask
 from .t5 import T5
 from .vit import VisionTransformer
 
+DEFAULT_NEW_TOKENS = 20  # generate() without max_new_tokens, as transformers' generate (its max_length=20)
+
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
@@ -135,14 +137,18 @@ class Blip2(nn.Module):
     # ---- generation -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=30, min_new_tokens=0,
-                 num_beams=1, length_penalty=1.0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, num_return_sequences=1, eos_token_id=None, generator=None,
-                 interpolate_pos_encoding=False):
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=None, min_new_tokens=0,
+                 num_beams=1, length_penalty=1.0, early_stopping=False, do_sample=False, temperature=1.0, top_k=50,
+                 top_p=1.0, repetition_penalty=1.0, num_return_sequences=1, eos_token_id="checkpoint",
+                 generator=None, interpolate_pos_encoding=False):
         """Caption / answer: returns only the new tokens, (B * num_return_sequences, T_new), padded with the
         pad id after EOS. `input_ids` as the checkpoint's processor lays them out; None = plain captioning.
-        `eos_token_id` None = the checkpoint's end token (decode.generate's None, no stopping, is not offered:
-        min_new_tokens=max_new_tokens forces the length)."""
+        Options left out mean what they mean in the reference's generate() on these checkpoints:
+          max_new_tokens  None = 20 (OPT: fewer if the position table ends sooner)
+          top_k           50, when sampling (0 = off)
+          eos_token_id    "checkpoint" = the checkpoint's end token (text_config.eos_token_id); one id or a
+                          list stops at those; None stops at none (exactly max_new_tokens tokens)
+        The other options are decode.generate's."""
         if self.language_model is None:
             raise ValueError("this is a retrieval checkpoint (no language model): it cannot generate text")
         text_cfg = self.config.text_config
@@ -162,8 +168,11 @@ class Blip2(nn.Module):
             session = T5Session(self.language_model, embeds, mask, text_cfg.decoder_start_token_id)
             prompt_ids = torch.full((embeds.shape[0], 1), text_cfg.decoder_start_token_id, device=embeds.device)
             prompt_mask = None
+            max_new_tokens = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         else:
             limit, T0 = text_cfg.max_position_embeddings, embeds.shape[1]  # the prompt, image slots included
+            if max_new_tokens is None:  # the reference's default: 20 new tokens, the prompt + them within the table
+                max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, limit - T0))
             # The last new token is never fed back, so it needs no position (decode checks max_new_tokens' type).
             if isinstance(max_new_tokens, int) and T0 + max_new_tokens - 1 > limit:
                 raise ValueError(f"a prompt of {T0} tokens (image slots included) and {max_new_tokens} new tokens "
@@ -174,10 +183,11 @@ class Blip2(nn.Module):
             prompt_mask = attention_mask
         return decode.generate(
             session, prompt_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-            num_beams=num_beams, length_penalty=length_penalty, do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             num_return_sequences=num_return_sequences,
-            eos_token_id=text_cfg.eos_token_id if eos_token_id is None else eos_token_id,
+            eos_token_id=text_cfg.eos_token_id if isinstance(eos_token_id, str) and eos_token_id == "checkpoint"
+            else eos_token_id,
             pad_token_id=text_cfg.pad_token_id, generator=generator, prompt_mask=prompt_mask,
             vocab_size=text_cfg.vocab_size)
 

@@ -50,6 +50,8 @@ def test_every_stage_matches_reference_on_the_gpu(name):
 def test_generate_matches_reference_tokens_on_the_gpu(name, case_name):
     import hf_models_cases  # the case definitions, importable without transformers
 
+    if "seed" in hf_models_cases.GENERATION_CASES[case_name]:
+        pytest.skip("sampling: the GPU's generator draws other numbers than the CPU's the fixture was made with")
     inputs, _, meta = load_fixture(name)
     model = load_model(FIXTURES / name, device="cuda", progress=False)
     inputs = on_gpu(inputs)

@@ -1,6 +1,7 @@
 """model.generate token for token against the reference's generate (fixtures from tests/reference), for OPT and
-Flan-T5: greedy, beam search (2-5 beams, length penalties -1/0/1/2, several return sequences), EOS lists,
-min_new_tokens, repetition penalty, batched prompts of different lengths (left padding for OPT)."""
+Flan-T5: greedy, beam search (2-5 beams, length penalties -1/0/1/2, several return sequences, early stopping),
+sampling (seeded), EOS lists and no EOS, min_new_tokens, repetition penalty, the defaults of options left out,
+batched prompts of different lengths (left padding for OPT)."""
 
 import json
 from pathlib import Path
@@ -25,9 +26,13 @@ def fixture(name, prepack=False):
 
 
 def run_case(model, pixel_values, input_ids, attention_mask, case: dict):
-    kwargs = {k: v for k, v in case.items() if k != "prompt"}
-    if not case["prompt"]:
+    from hf_models_cases import split_case  # importable without transformers
+
+    prompt, seed, kwargs = split_case(case)
+    if not prompt:
         input_ids = attention_mask = None
+    if seed is not None:
+        torch.manual_seed(seed)  # as the reference, sampling draws from torch's global generator
     return model.generate(pixel_values, input_ids, attention_mask, **kwargs)
 
 
@@ -112,9 +117,10 @@ def test_sampling_is_reproducible_with_a_seed():
     (dict(num_return_sequences=3, num_beams=2), "num_return_sequences"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be an int, got 2.5"),
     (dict(num_beams=2.0), "num_beams must be an int, got 2.0"),
-    (dict(max_new_tokens=None), "max_new_tokens must be an int, got None"),
+    (dict(max_new_tokens="20"), "max_new_tokens must be an int, got '20'"),
     (dict(do_sample="no"), "do_sample must be True or False, got 'no'"),
     (dict(eos_token_id=-1), r"eos_token_id \[-1\] has ids outside the vocabulary"),
+    (dict(eos_token_id="eos"), "eos_token_id must be token ids \\(ints\\), got 'eos'"),
     (dict(eos_token_id=[2, 10**6]), r"eos_token_id \[2, 1000000\] has ids outside the vocabulary"),
     (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
     (dict(repetition_penalty=float("inf")), "repetition_penalty must be > 0 and finite"),
@@ -208,6 +214,31 @@ def test_eos_token_id_as_numpy_or_tensor_is_the_same_as_an_int():
     want = model.generate(pixel_values, max_new_tokens=6, eos_token_id=5)
     for eos in (np.int64(5), torch.tensor(5), torch.tensor([5]), (5,)):
         assert torch.equal(model.generate(pixel_values, max_new_tokens=6, eos_token_id=eos), want)
+
+
+def test_eos_none_stops_at_nothing_and_the_default_at_the_checkpoints_eos():
+    """As in the reference: eos_token_id=None generates through every EOS, the default stops at the checkpoint's.
+    The fixture model never emits its own EOS (2), so it is declared to be 36, which it emits mid-way."""
+    model, stored, expected = fixture("opt-base")
+    pixel_values, ids, mask = stored["input.pixel_values"], stored["input.input_ids"], stored["input.attention_mask"]
+    model.config.text_config.eos_token_id = 36
+    assert model.generate(pixel_values, ids, mask, max_new_tokens=10, eos_token_id=None).tolist() == \
+        expected["greedy-prompt-batch"]  # the reference's tokens with EOS 2: 36 inside, nothing padded
+    stopped = model.generate(pixel_values, ids, mask, max_new_tokens=10)
+    assert stopped.tolist() == expected["greedy-eos-list"]  # the reference's, stopping at 36 (of [36, 92, 33])
+    assert stopped.tolist() == [[19, 34, 65, 25, 36], [65, 14, 36, 1, 1]]  # what tells the two cases apart
+
+
+def test_default_length_ends_with_the_position_table():
+    """No max_new_tokens: 20 new tokens, fewer where OPT's position table ends first (the reference caps the
+    prompt + new tokens at max_position_embeddings; the live test compares one such prompt)."""
+    model, stored, _ = fixture("opt-base")
+    pixel_values = stored["input.pixel_values"][:1]
+    limit, Q = model.config.text_config.max_position_embeddings, model.config.num_query_tokens
+    for T0, new in ((Q + 1, 20), (limit - 7, 7), (limit - 1, 1)):
+        ids = torch.tensor([[model.config.image_token_index] * Q + [2] + [40] * (T0 - Q - 1)])
+        out = model.generate(pixel_values, ids, eos_token_id=None)
+        assert out.shape == (1, new), T0
 
 
 def test_right_padded_opt_prompts_are_refused():

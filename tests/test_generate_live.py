@@ -20,6 +20,7 @@ def test_generate_matches_live_reference(config_id, tmp_path):
     from hf_models import GENERATION_CASES, build_reference, make_config, prompt_ids, reference_generate
 
     from blip2_mini.loader import load_model
+    from test_generate import run_case
 
     family, overrides, lengths = CONFIGS[config_id]
     config = make_config(family, **overrides)
@@ -31,9 +32,31 @@ def test_generate_matches_live_reference(config_id, tmp_path):
     failures = []
     for case_name, case in GENERATION_CASES.items():
         expected = reference_generate(reference, pixel_values, ids, mask, case)
-        kwargs = {k: v for k, v in case.items() if k != "prompt"}
-        ours = model.generate(pixel_values, ids if case["prompt"] else None, mask if case["prompt"] else None,
-                              **kwargs)
+        ours = run_case(model, pixel_values, ids, mask, case)
         if ours.tolist() != expected.tolist():
             failures.append(f"{case_name}: ours {ours.tolist()} reference {expected.tolist()}")
     assert not failures, "\n".join(failures)
+
+
+def test_default_length_near_the_position_table_matches_live_reference(tmp_path):
+    """No max_new_tokens and a prompt that leaves 7 positions: the reference stops at its table's end."""
+    pytest.importorskip("transformers")
+    from hf_models import build_reference, make_config, reference_generate
+
+    from blip2_mini.loader import load_model
+    from test_generate import run_case
+
+    config = make_config("opt")
+    reference = build_reference(config, seed=4)
+    reference.save_pretrained(tmp_path)
+    model = load_model(tmp_path, progress=False)
+    Q, limit = config.num_query_tokens, config.text_config.max_position_embeddings
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(4, config.image_token_index - 1, (limit - 7 - Q - 1,), generator=g)
+    ids = torch.tensor([[config.image_token_index] * Q + [config.text_config.bos_token_id] + text.tolist()])
+    mask = torch.ones_like(ids)
+    pixel_values = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    case = dict(prompt=True, eos_token_id=None)
+    expected = reference_generate(reference, pixel_values, ids, mask, case)
+    assert expected.shape == (1, 7)
+    assert run_case(model, pixel_values, ids, mask, case).tolist() == expected.tolist()

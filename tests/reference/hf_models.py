@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
-from hf_models_cases import GENERATION_CASES  # noqa: F401  (re-exported for the fixture builder)
+from hf_models_cases import GENERATION_CASES, split_case  # noqa: F401  (GENERATION_CASES: for the fixture builder)
 
 REFERENCE_VERSION = transformers.__version__
 
@@ -160,15 +160,12 @@ def prompt_ids(config, batch: int, lengths, seed: int):
 
 @torch.no_grad()
 def reference_generate(model, pixel_values, input_ids, attention_mask, case: dict) -> torch.Tensor:
-    """The reference's generate() with every setting explicit, returning only the new tokens: the reference
-    returns the prompt ids first for OPT and the decoder start token first for T5."""
-    kwargs = {k: v for k, v in case.items() if k != "prompt"}
+    """The reference's generate() as a user calls it (what the case leaves out is the reference's default),
+    returning only the new tokens: the reference returns the prompt ids first for OPT and the decoder start token
+    first for T5."""
+    prompt, seed, kwargs = split_case(case)
     text = model.config.text_config
-    kwargs.setdefault("eos_token_id", text.eos_token_id)
-    kwargs.update(do_sample=False, pad_token_id=text.pad_token_id, early_stopping=False)
-    if text.model_type == "t5":
-        kwargs["decoder_start_token_id"] = text.decoder_start_token_id
-    if not case["prompt"]:
+    if not prompt:
         input_ids = attention_mask = None
         if text.model_type == "t5":
             # The reference cannot caption without a prompt for T5 (it looks for a BOS id T5 lacks), so give it
@@ -176,6 +173,8 @@ def reference_generate(model, pixel_values, input_ids, attention_mask, case: dic
             Q = model.config.num_query_tokens
             input_ids = torch.tensor([[model.config.image_token_index] * Q + [text.eos_token_id]])
             input_ids = input_ids.expand(pixel_values.shape[0], -1)
+    if seed is not None:
+        torch.manual_seed(seed)
     out = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     if text.model_type == "t5":
         return out[:, 1:]
