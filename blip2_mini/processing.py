@@ -25,6 +25,7 @@ Older checkpoints (no `num_query_tokens` in processor_config.json) get the promp
 the queries itself.
 """
 
+import http.client
 import json
 import os
 import shutil
@@ -63,13 +64,20 @@ def load_image(source) -> Image.Image:
     alpha channel, so whatever colour hides under transparent pixels shows; a palette or grey PNG with a
     transparent *colour* keeps that colour as `info["transparency"]`, and the image processor later lays those
     pixels on white. An image opened yourself and passed as is gets all its transparency laid on white.
+    A PIL image is accepted too, as the reference accepts it: its EXIF orientation applied, converted to RGB.
     """
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).convert("RGB")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_image takes a path, a URL or a PIL image, got {type(source).__name__}")
     name = str(source)
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=30) as response:
                 data = BytesIO(response.read())
-        except OSError as e:  # URLError and HTTPError are OSErrors
+        # URLError and HTTPError are OSErrors; a malformed URL (a space, a bad port) is http.client.InvalidURL, a
+        # ValueError; a connection closed early is http.client.IncompleteRead, an HTTPException
+        except (OSError, ValueError, http.client.HTTPException) as e:
             raise ValueError(f"{name}: cannot download ({e})") from None
         return _open_rgb(data, name)
     path = Path(source)
@@ -120,13 +128,17 @@ def array_to_rgb(array: np.ndarray, name: str = "array") -> np.ndarray:
     """A NumPy image -> uint8 (H, W, 3), as the reference converts arrays before handing them to Pillow.
 
     Accepted: (H, W) grey, (H, W, 1) grey, (H, W, 3) RGB, (H, W, 4) RGBA; dtype uint8 (0..255) or float.
-    Floats are read the way the reference reads them: whole numbers in [0, 255] as 0..255 values, anything else
-    as [0, 1] intensities, which are scaled by 255 and *truncated* to uint8 (Pillow only resizes 8-bit images).
+    (H, W) is read as grey levels: for a palette image pass the PIL image, not np.asarray of it (its indices).
+    Floats in [0, 1] are intensities, scaled by 255 and *truncated* to uint8 (Pillow only resizes 8-bit images),
+    as the reference does; other floats must be whole numbers in [0, 255], read as 0..255 values. An array of
+    only 0s and 1s (a white canvas, a mask) is read as intensities: the reference reads it as levels 0 and 1,
+    nearly black by default (and with do_rescale=False resizes it as two levels, without its edges' greys).
     RGBA is laid on white with rounding (uint8) or without (floats, which must then lie in [0, 1]).
     """
     if not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)):
-        raise ValueError(f"{name}: expected a uint8 or float array, got dtype {array.dtype} "
-                         f"(for 0..255 values use array.astype(np.uint8))")  # fmt: skip
+        fix = "(array * 255).astype(np.uint8) for black and white" if array.dtype == bool else \
+            "array.astype(np.uint8) for 0..255 values"
+        raise ValueError(f"{name}: expected a uint8 or float array, got dtype {array.dtype} (use {fix})")
     if array.ndim == 2:
         array = array[:, :, None]  # (H, W) -> (H, W, 1)
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
@@ -153,11 +165,11 @@ def array_to_rgb(array: np.ndarray, name: str = "array") -> np.ndarray:
 
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
-    if np.allclose(array, array.astype(np.int64)) and array.min() >= 0 and array.max() <= 255:
-        return array.astype(np.uint8)  # whole numbers: already 0..255
     if array.min() >= 0 and array.max() <= 1:
         # x 255 in float64, through float32, then truncated: the reference's exact rounding path.
         return (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+    if np.allclose(array, array.astype(np.int64)) and array.min() >= 0 and array.max() <= 255:
+        return array.astype(np.uint8)  # whole numbers: already 0..255
     raise ValueError(f"{name}: float values must lie in [0, 1] (or be whole numbers in [0, 255]), "
                      f"got [{array.min()}, {array.max()}]")  # fmt: skip
 

@@ -13,15 +13,19 @@ def caption_prompt(coco_style: bool = False) -> str | None:
     return "a photo of" if coco_style else None
 
 
-def vqa_prompt(question: str, family: str = "opt") -> str:
-    """family: "opt" (decoder-only) or "t5" (Flan-T5)."""
+def vqa_prompt(question: str, family="opt") -> str:
+    """family: "opt" (decoder-only), "t5" (Flan-T5), or the loaded model, whose language model decides."""
     question = question.strip()
     if not question:
         raise ValueError("vqa: the question is empty")
+    if hasattr(family, "is_encoder_decoder"):  # a Blip2 model
+        family = "t5" if family.is_encoder_decoder else "opt"
+    if family not in ("opt", "t5"):  # a typo ("flan-t5") must not silently give OPT's format
+        raise ValueError(f"vqa: family must be 'opt', 't5' or the model, got {family!r}")
     return f"Question: {question} Short answer:" if family == "t5" else f"Question: {question} Answer:"
 
 
-def chat_prompt(history: list[tuple[str, str]], question: str, family: str = "opt") -> str:
+def chat_prompt(history: list[tuple[str, str]], question: str, family="opt") -> str:
     """Earlier (question, answer) turns, then the new question, in the paper's chat format."""
     turns = [f"Question: {q.strip()} Answer: {a.strip()}." for q, a in history]
     return " ".join(turns + [vqa_prompt(question, family)])

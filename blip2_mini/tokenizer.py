@@ -261,10 +261,12 @@ class Tokenizer:
 
     def __call__(self, texts: str | list[str], padding: bool = False, add_special_tokens: bool = True, return_tensors=None):
         """Encode one text or a batch: {"input_ids", "attention_mask"}, padded with the pad id on `padding_side`."""
+        if padding not in (True, False, "longest"):  # "max_length" or "do_not_pad" would be read as True
+            raise ValueError(f"padding must be True, False or 'longest', got {padding!r}")
         single = isinstance(texts, str)
         batch = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([texts] if single else texts)]
         masks = [[1] * len(ids) for ids in batch]
-        if padding and batch:
+        if padding and len(set(map(len, batch))) > 1:
             if self.pad_token_id is None:
                 raise ValueError("cannot pad: this tokenizer has no pad token")
             length = max(map(len, batch))

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from blip2_mini.loader import load_model
 from blip2_mini.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, array_to_rgb, load_image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "processing"
@@ -110,10 +111,30 @@ def test_float_unit_array_is_not_divided_twice():
     assert array_to_rgb(unit).dtype == np.uint8
 
 
+def test_float_array_of_zeros_and_ones_is_intensities():
+    """A float canvas of only 0s and 1s (white, a red square) is the picture its uint8 version shows, not levels
+    0 and 1 (nearly black), which is how whole-number floats above 1 are read."""
+    canvas = np.ones((32, 32, 3))
+    canvas[8:24, 8:24] = [1.0, 0.0, 0.0]
+    processor = ImageProcessor(size=16)
+    assert torch.equal(processor(canvas)["pixel_values"], processor((canvas * 255).astype(np.uint8))["pixel_values"])
+    white = (1 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    torch.testing.assert_close(processor(np.ones((4, 4), np.float32))["pixel_values"][0, :, 0, 0], white)
+    assert array_to_rgb(np.full((2, 2, 3), 2.0)).max() == 2  # whole numbers above 1: 0..255 levels
+
+
 def test_four_dimensional_array_is_a_batch(stored):
     batch = np.stack([stored["input.array_uint8_rgb"]] * 2)  # (2, H, W, 3)
     out = ImageProcessor(size={"height": 24, "width": 32})(batch)["pixel_values"]
     assert np.abs(out.numpy() - stored["reference.array_uint8_rgb.blip2"][None]).max() <= TOL and len(out) == 2
+
+
+def test_load_image_takes_a_pil_image_as_the_reference_does():
+    with Image.open(FIXTURES / "files" / "exif_rotated.png") as opened:
+        loaded = load_image(opened)
+    assert np.array_equal(np.asarray(loaded), np.asarray(load_image(FIXTURES / "files" / "exif_rotated.png")))
+    with pytest.raises(TypeError, match="load_image takes a path, a URL or a PIL image, got ndarray"):
+        load_image(np.zeros((2, 2, 3), np.uint8))
 
 
 def test_load_image_applies_exif_orientation():
@@ -139,6 +160,16 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
+    def do_GET(self):
+        if self.path.endswith("/short.png"):  # a download cut short: fewer bytes than Content-Length promises
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\x89PNG\r\n")
+            self.close_connection = True
+            return
+        super().do_GET()
+
 
 def test_load_image_from_url(tmp_path):
     """http(s) URLs are downloaded (here from a local server); a failed download is one clear line."""
@@ -151,6 +182,10 @@ def test_load_image_from_url(tmp_path):
         assert np.array_equal(np.asarray(downloaded), np.asarray(load_image(tmp_path / "plain.png")))
         with pytest.raises(ValueError, match="missing.png: cannot download"):
             load_image(f"{url}/missing.png")
+        with pytest.raises(ValueError, match="my photo.png: cannot download"):  # http.client.InvalidURL
+            load_image(f"{url}/my photo.png")
+        with pytest.raises(ValueError, match="short.png: cannot download"):  # http.client.IncompleteRead
+            load_image(f"{url}/short.png")
     finally:
         server.shutdown()
         server.server_close()
@@ -214,7 +249,8 @@ def test_error_empty_image(image):
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint16, bool, np.complex64])
 def test_error_wrong_dtype(dtype):
-    with pytest.raises(ValueError, match=f"expected a uint8 or float array, got dtype {np.dtype(dtype)}"):
+    fix = r"\(array \* 255\).astype" if dtype is bool else r"array.astype\(np.uint8\) for 0..255"  # bool: 0/1 -> 0/255
+    with pytest.raises(ValueError, match=f"expected a uint8 or float array, got dtype {np.dtype(dtype)} \\(use {fix}"):
         ImageProcessor(size=8)(np.zeros((5, 5, 3), dtype=dtype))
 
 
@@ -602,3 +638,23 @@ def test_a_prompt_holding_the_image_placeholder_is_explained():
     inputs = processor(images=Image.new("RGB", (8, 8)), text="<image> what is it?")
     with pytest.raises(ValueError, match=r"found \[33\]; build the prompt with the processor .*without '<image>'"):
         model.generate(**inputs, max_new_tokens=2)
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------------
+
+
+def test_prompt_formats_of_the_paper():
+    from blip2_mini.prompts import caption_prompt, chat_prompt, vqa_prompt
+
+    assert caption_prompt() is None and caption_prompt(coco_style=True) == "a photo of"
+    assert vqa_prompt(" what is it? ") == "Question: what is it? Answer:"
+    assert vqa_prompt("what is it?", "t5") == "Question: what is it? Short answer:"
+    assert chat_prompt([("what is this?", " a cat ")], "what colour is it?", "t5") == \
+        "Question: what is this? Answer: a cat. Question: what colour is it? Short answer:"
+    t5 = load_model(Path(__file__).parent / "fixtures" / "model" / "t5-base", progress=False)
+    assert vqa_prompt("what is it?", t5) == "Question: what is it? Short answer:"  # the model decides
+    for family in ("flan-t5", "T5", None):  # a typo must not silently give OPT's format
+        with pytest.raises(ValueError, match="family must be 'opt', 't5' or the model"):
+            vqa_prompt("what is it?", family)
+    with pytest.raises(ValueError, match="the question is empty"):
+        vqa_prompt("  ")

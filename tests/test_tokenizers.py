@@ -231,10 +231,17 @@ def test_padding_errors():
     with pytest.raises(ValueError) as excinfo:
         ours(["a", "a b c"], return_tensors="pt")
     assert "padding=True" in one_line_error(excinfo)
+    for padding in ("max_length", "do_not_pad"):  # transformers' names: "do_not_pad" must not pad, etc.
+        with pytest.raises(ValueError) as excinfo:
+            ours(["a", "a b c"], padding=padding)
+        assert "padding must be True, False or 'longest'" in one_line_error(excinfo)
     ours.special_tokens.pop("pad_token")
     with pytest.raises(ValueError) as excinfo:
         ours(["a", "a b c"], padding=True)
     assert "no pad token" in one_line_error(excinfo)
+    # nothing to pad (one text, or texts of one length): no pad token needed
+    assert ours(["a b", "a b"], padding=True, return_tensors="pt")["input_ids"].shape[0] == 2
+    assert ours("a b c", padding=True)["input_ids"] == ours("a b c")["input_ids"]
 
 
 # ----- live: fresh tokenizers from the reference libraries ---------------------------------------------------------
