@@ -60,3 +60,27 @@ def test_default_length_near_the_position_table_matches_live_reference(tmp_path)
     expected = reference_generate(reference, pixel_values, ids, mask, case)
     assert expected.shape == (1, 7)
     assert run_case(model, pixel_values, ids, mask, case).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_default_eos_is_the_checkpoints_as_in_live_reference(family, tmp_path):
+    """The end token a call leaves out is config.json's text_config.eos_token_id, in the reference as here. The
+    random models never emit their family's EOS, so the checkpoint declares one they do emit."""
+    pytest.importorskip("transformers")
+    from hf_models import build_reference, make_config, prompt_ids, reference_generate
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_mini.loader import load_model
+    from test_generate import run_case
+
+    pixel_values = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    ids, mask = prompt_ids(make_config(family), 2, [3, 2], seed=4)
+    free = reference_generate(build_reference(make_config(family), seed=5), pixel_values, ids, mask,
+                              dict(prompt=True, max_new_tokens=10, eos_token_id=None))
+    eos = free[0, 3].item()  # emitted at the 4th step of the first row
+    build_reference(make_config(family, eos_token_id=eos), seed=5).save_pretrained(tmp_path)
+    reference = Blip2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    case = dict(prompt=True, max_new_tokens=10)
+    expected = reference_generate(reference, pixel_values, ids, mask, case)
+    assert expected.shape[1] < 10 or expected[0, 4:].tolist() != free[0, 4:].tolist()  # it did stop at eos
+    assert run_case(load_model(tmp_path, progress=False), pixel_values, ids, mask, case).tolist() == expected.tolist()

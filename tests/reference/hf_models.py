@@ -22,8 +22,9 @@ REFERENCE_VERSION = transformers.__version__
 def make_config(family="opt", *, vision_width=32, vision_layers=2, vision_heads=4, image_size=28, patch_size=14,
                 qformer_width=32, qformer_layers=2, qformer_heads=4, cross_attention_frequency=2,
                 num_query_tokens=4, lm_width=32, lm_layers=2, lm_heads=4, vocab_size=96, image_token_index=90,
-                d_kv=None, qformer_vocab=64) -> Blip2Config:
-    """A small BLIP-2 config of the given family: "opt", "t5" or "itm" (retrieval, no language model)."""
+                d_kv=None, qformer_vocab=64, eos_token_id=None) -> Blip2Config:
+    """A small BLIP-2 config of the given family: "opt", "t5" or "itm" (retrieval, no language model);
+    eos_token_id replaces the family's end token (OPT 2, T5 1)."""
     vision = dict(hidden_size=vision_width, intermediate_size=2 * vision_width + 6, num_hidden_layers=vision_layers,
                   num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size)
     qformer = dict(hidden_size=qformer_width, num_hidden_layers=qformer_layers, num_attention_heads=qformer_heads,
@@ -42,6 +43,8 @@ def make_config(family="opt", *, vision_width=32, vision_layers=2, vision_heads=
         text = None
     else:
         raise ValueError(family)
+    if eos_token_id is not None:
+        text["eos_token_id"] = eos_token_id
     kwargs = dict(vision_config=vision, qformer_config=qformer, num_query_tokens=num_query_tokens,
                   image_token_index=image_token_index, image_text_hidden_size=24)
     if text is not None:
