@@ -362,7 +362,7 @@ def _as_list(ids) -> list[int]:
     if isinstance(ids, Tensor):
         ids = ids.reshape(-1).tolist()
     given = ids
-    ids = [ids] if isinstance(ids, numbers.Integral) else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    ids = [ids] if isinstance(ids, (numbers.Integral, str)) else list(ids)
     if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"generate: eos_token_id must be token ids (ints), got {given!r}")
     return [int(i) for i in ids]
