@@ -16,13 +16,13 @@ from blip2_mini.data.shapes import ShapesDataset, all_texts, caption, parse_capt
 from blip2_mini.loader import CheckpointError, load_model
 from blip2_mini.model import Blip2
 from blip2_mini.pretrain import evaluate as evaluate_module
-from blip2_mini.pretrain.common import pixel_values
+from blip2_mini.pretrain.common import adamw, pixel_values
 from blip2_mini.pretrain.evaluate import (evaluate_generation, evaluate_retrieval, lm_answering_accuracy,
                                           lm_restating_accuracy, token_position_probe)
 from blip2_mini.pretrain.export import official_state_dict, ours_to_official, save_generation_model, save_retrieval_model
 from blip2_mini.pretrain.frozen import (CellHead, cell_labels, init_weights, paired_documents, pretrain_language_model,
                                         pretrain_vision, toy_config, train_tokenizer)
-from blip2_mini.pretrain.stage1 import Stage1Model, qformer_text, train_stage1
+from blip2_mini.pretrain.stage1 import Stage1Model, negative_weights, qformer_text, train_stage1
 from blip2_mini.pretrain.stage2 import train_stage2
 from blip2_mini.tokenizer import load_tokenizer
 
@@ -211,6 +211,49 @@ def test_itm_learns_to_match(world):
         losses.append(loss.item())
     assert abs(losses[0] - 0.693) < 0.05  # an untrained head: 50/50 on everything
     assert sum(losses[-100:]) / 100 < 0.8 * ITM_PRIOR, losses[-100::10]
+
+
+def test_itm_negatives_are_half_hard_however_sure_itc_is():
+    """negative_weights: half softmax(similarity) over the wrong partners only, half uniform over them. A sure
+    ITC (the right caption at +20) must not shrink the hard half: masked after the softmax, it would vanish."""
+    sim = torch.tensor([[20.0, 2.0, 0.0], [0.0, 20.0, 0.0], [1.0, 1.0, 20.0]])
+    same = torch.eye(3, dtype=torch.bool)
+    weights = negative_weights(sim, same)
+    hard = torch.tensor([2.0, 0.0]).softmax(0)  # row 0's wrong captions: 0.881, 0.119
+    torch.testing.assert_close(weights[0], torch.tensor([0.0, *(0.5 * hard + 0.25)]))
+    torch.testing.assert_close(weights[1], torch.tensor([0.5, 0.0, 0.5]))
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    same[0] = True  # duplicates of a caption are never its negatives; a row with only duplicates has none
+    with pytest.raises(ValueError, match="no negatives for ITM"):
+        negative_weights(sim, same)
+
+
+def test_weight_decay_spares_norms_biases_and_frozen_parameters(world, monkeypatch):
+    """As in the BLIP-2 code: AdamW's decay on matrices (and the queries) only; gains and biases are not pulled
+    towards 0; frozen parameters are not handed to the optimizer at all."""
+    from blip2_mini.pretrain import stage1, stage2
+
+    built = []
+
+    def spy(named_params, lr, weight_decay):
+        built.append(adamw(named_params, lr, weight_decay))
+        return built[-1]
+
+    monkeypatch.setattr(stage1, "adamw", spy)
+    monkeypatch.setattr(stage2, "adamw", spy)
+    blip2 = Blip2(replace(tiny_config(world["tokenizer"]), text_config=None, image_token_index=None))
+    train_stage1(Stage1Model(blip2), torch.zeros(1, 10, 32), ["a"], world["tokenizer"], steps=0, quiet=True)
+    model = Blip2(tiny_config(world["tokenizer"], text_input=False))
+    train_stage2(model, torch.zeros(1, 10, 32), world["items"], world["tokenizer"], steps=0, quiet=True)
+    for optimizer, owner in zip(built, (blip2, model)):
+        decayed, spared = (group["params"] for group in optimizer.param_groups)
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+        assert decayed and all(p.ndim >= 2 for p in decayed) and spared and all(p.ndim < 2 for p in spared)
+        assert all(p.requires_grad for p in decayed + spared)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, spared = (group["params"] for group in built[1].param_groups)
+    assert "query_tokens" in {names[id(p)] for p in decayed}
+    assert not any(names[id(p)].startswith(("language_model.", "vision_model.")) for p in decayed + spared)
 
 
 def test_stage2_trains_through_frozen_lm(world):

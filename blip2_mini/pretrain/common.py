@@ -59,6 +59,16 @@ class Progress:
         return time.time() - self.start
 
 
+def adamw(named_params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only: LayerNorm gains, biases and other vectors are not decayed
+    (decay would pull a gain towards 0, not towards its neutral 1), as in the BLIP-2 code. Parameters that do
+    not require grad are left out."""
+    trained = [(name, p) for name, p in named_params if p.requires_grad]
+    groups = [{"params": [p for _, p in trained if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for _, p in trained if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def cosine_lr(optimizer, step: int, total: int, peak: float, warmup: int):
     """Linear warm-up to `peak`, then cosine decay to a tenth of it (the schedule the BLIP-2 code uses)."""
     if step < warmup:

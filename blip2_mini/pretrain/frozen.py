@@ -92,7 +92,8 @@ def init_weights(module: nn.Module, std: float = 0.02):
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """BLIP-2's frozen parts: no gradients, eval mode (the paper also drops their dropout)."""
+    """BLIP-2's frozen parts: no gradients, eval mode (LAVIS keeps its ViT in eval mode; these modules have no
+    dropout, so the mode changes nothing here)."""
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval()

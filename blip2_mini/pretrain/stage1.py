@@ -10,8 +10,8 @@ in *who may attend to whom* inside the Q-Former's self-attention (qformer.stage1
          with a fixed temperature (see Stage1Model).
     ITM  image-text matching      "bidirectional" mask: queries and text see each other and fuse; a linear head
          on every query output, averaged, says match / no match. The negatives are *hard*: for each image a
-         wrong caption drawn with probability softmax(ITC similarity) (half of the time; see itm_loss), and for each
-         caption a wrong image.
+         wrong caption drawn with probability softmax(ITC similarity) over the wrong captions (half of the time;
+         see negative_weights), and for each caption a wrong image.
     ITG  image-grounded text generation   "multimodal_causal" mask: the text is generated left to right and
          sees all queries; the queries do not see the text. The text's first token is replaced by a [DEC]
          token. Because text can reach the image *only through the queries*, the queries must carry
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..model import Blip2
 from ..qformer import stage1_attention_mask
-from .common import Progress, cosine_lr, pad_batch
+from .common import Progress, adamw, cosine_lr, pad_batch
 
 CLS_ID, DEC_ID = 0, 3  # <s> and <unk>, see the module docstring
 
@@ -106,16 +106,9 @@ class Stage1Model(nn.Module):
         """ITM on B positives, B hard negative images and B hard negative texts. sim_i2t (B, B) is the ITC
         similarity / temperature, same (B, B) marks pairs with identical captions (never negatives)."""
         B = ids.shape[0]
-        # Hard negatives: sample a wrong partner in proportion to how similar ITC finds it -- half of the time.
-        # Why not always: from scratch (BLIP-2 starts from BERT), pure hard negatives (captions one word away)
-        # kept ITM at its class prior for the whole run; with uniform negatives the same model left the prior
-        # after ~200 steps (measured). The mixture keeps the hard ones and gives ITM an easy signal to start on.
         with torch.no_grad():
-            uniform = torch.full_like(sim_i2t, 1.0 / sim_i2t.shape[1])
-            weights_i2t = (0.5 * F.softmax(sim_i2t.float(), dim=1) + 0.5 * uniform).masked_fill(same, 0) + 1e-8 * (~same)
-            weights_t2i = (0.5 * F.softmax(sim_i2t.T.float(), dim=1) + 0.5 * uniform).masked_fill(same, 0) + 1e-8 * (~same)
-            neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)  # (B,) for each image
-            neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)  # (B,) for each text
+            neg_text = torch.multinomial(negative_weights(sim_i2t, same), 1, generator=generator).squeeze(1)  # (B,)
+            neg_image = torch.multinomial(negative_weights(sim_i2t.T, same.T), 1, generator=generator).squeeze(1)
         itm_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # (3B, P, Dv)
         itm_ids = torch.cat([ids, ids, ids[neg_text]])  # (3B, T)
         itm_mask = torch.cat([mask, mask, mask[neg_text]])
@@ -139,13 +132,31 @@ class Stage1Model(nn.Module):
         return itc + itm + itg, {"itc": itc.item(), "itm": itm.item(), "itg": itg.item()}
 
 
+def negative_weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """(B, B) ITC similarities / temperature, row i for the item that needs a wrong partner, and `same` (B, B),
+    the partners that are not wrong -> (B, B) probabilities of drawing each column as row i's negative.
+
+    Half of the mass is softmax(similarity) over the wrong partners only: the right ones are masked out *before*
+    the softmax, as in the BLIP-2 code, so the hard half stays half however sure ITC becomes (masked after it,
+    a trained ITC's ~96 % on the right caption left the hard half ~4 % of the draws, measured). The other half is
+    uniform over them. Why not all hard: from scratch (BLIP-2 starts from BERT), pure hard negatives (captions
+    one word away) kept ITM at its class prior for the whole run; with uniform negatives the same model left the
+    prior after ~200 steps (measured). The mixture keeps the hard ones and gives ITM an easy signal to start on."""
+    wrong = ~same
+    if not wrong.any(dim=1).all():
+        raise ValueError("stage 1: a batch in which every caption is the same has no negatives for ITM")
+    hard = F.softmax(sim.float().masked_fill(same, float("-inf")), dim=1)  # (B, B), 0 on the right partners
+    uniform = wrong.float() / wrong.sum(dim=1, keepdim=True)
+    return 0.5 * hard + 0.5 * uniform
+
+
 def train_stage1(model: Stage1Model, image_embeds: torch.Tensor, captions: list[str], tokenizer, steps: int,
                  batch_size: int = 32, lr: float = 1e-3, seed: int = 0, quiet: bool = False) -> Progress:
     """Train the Q-Former side of `model` on cached frozen-ViT features `image_embeds` (N, P, Dv) and their
     captions. The ViT is frozen, so its output for each training image is computed once, outside this loop."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    optimizer = adamw(model.named_parameters(), lr=lr, weight_decay=0.05)
     progress = Progress("stage 1: ITC + ITM + ITG", steps, every=25, quiet=quiet)
     model.train()
     for step in range(1, steps + 1):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..data.shapes import vqa_prompt
 from ..model import Blip2
-from .common import Progress, cosine_lr, pad_batch
+from .common import Progress, adamw, cosine_lr, pad_batch
 
 
 def stage2_example(tokenizer, num_queries: int, image_token_id: int, prompt: str, target: str):
@@ -74,10 +74,12 @@ def train_stage2(model: Blip2, image_embeds: torch.Tensor, items, tokenizer, ste
     cached frozen-ViT features `image_embeds` (N, P, Dv) and `items` [(caption, qa pairs)] of the same images."""
     rng = random.Random(seed)
     Q, image_token_id = model.config.num_query_tokens, model.config.image_token_index
-    params = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters()]
+    trained = [("query_tokens", model.query_tokens), *model.qformer.named_parameters(),
+               *model.language_projection.named_parameters()]
+    params = [p for _, p in trained]
     for p in model.language_model.parameters():
         p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    optimizer = adamw(trained, lr=lr, weight_decay=0.05)
     progress = Progress(title, steps, every=25, quiet=quiet)
     model.train()
     model.language_model.eval()
