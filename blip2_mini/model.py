@@ -164,6 +164,7 @@ class Blip2(nn.Module):
                                  "on the right (the processor's default for Flan-T5)")
         visual_prompt = self.image_prompt(pixel_values, interpolate_pos_encoding)
         embeds, mask = self.language_model_inputs(visual_prompt, input_ids, attention_mask)
+        default_length = max_new_tokens is None
         if self.is_encoder_decoder:
             session = T5Session(self.language_model, embeds, mask, text_cfg.decoder_start_token_id)
             prompt_ids = torch.full((embeds.shape[0], 1), text_cfg.decoder_start_token_id, device=embeds.device)
@@ -181,6 +182,9 @@ class Blip2(nn.Module):
             session = OPTSession(self.language_model, embeds, mask)
             prompt_ids = input_ids if input_ids is not None else self.default_prompt_ids(embeds)
             prompt_mask = attention_mask
+        if default_length and isinstance(min_new_tokens, int) and min_new_tokens > max_new_tokens:
+            raise ValueError(f"generate: min_new_tokens={min_new_tokens} exceeds the default max_new_tokens "
+                             f"({max_new_tokens}); pass max_new_tokens as well")
         return decode.generate(
             session, prompt_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample,

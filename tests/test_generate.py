@@ -118,6 +118,7 @@ def test_sampling_is_reproducible_with_a_seed():
     (dict(max_new_tokens=2.5), "max_new_tokens must be an int, got 2.5"),
     (dict(num_beams=2.0), "num_beams must be an int, got 2.0"),
     (dict(max_new_tokens="20"), "max_new_tokens must be an int, got '20'"),
+    (dict(min_new_tokens=25), r"min_new_tokens=25 exceeds the default max_new_tokens \(20\); pass max_new_tokens"),
     (dict(do_sample="no"), "do_sample must be True or False, got 'no'"),
     (dict(eos_token_id=-1), r"eos_token_id \[-1\] has ids outside the vocabulary"),
     (dict(eos_token_id="eos"), "eos_token_id must be token ids \\(ints\\), got 'eos'"),
