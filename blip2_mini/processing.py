@@ -67,7 +67,7 @@ def load_image(source) -> Image.Image:
     A PIL image is accepted too, as the reference accepts it: its EXIF orientation applied, converted to RGB.
     """
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB")
+        return ImageOps.exif_transpose(_loaded(source, "image")).convert("RGB")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load_image takes a path, a URL or a PIL image, got {type(source).__name__}")
     name = str(source)
@@ -86,6 +86,18 @@ def load_image(source) -> Image.Image:
     if path.is_dir():
         raise ValueError(f"{name}: is a directory, not an image file")
     return _open_rgb(path, name)
+
+
+def _loaded(image: Image.Image, name: str) -> Image.Image:
+    """A PIL image whose pixels can be read. Pillow reads a file's pixels lazily, at first use: a file closed
+    since (an image used after its `with Image.open(...)` block) or cut short fails only then, deep in Pillow."""
+    try:
+        image.load()
+    except (OSError, ValueError, AssertionError, AttributeError) as e:  # closed file: AssertionError, no message
+        raise ValueError(f"{name}: cannot read this PIL image's pixels ({e or type(e).__name__}); use an image "
+                         "opened with `with Image.open(...)` inside that block (or .load() it there), or pass the "
+                         "path") from None
+    return image
 
 
 def _open_rgb(file, name: str) -> Image.Image:
@@ -284,6 +296,7 @@ class ImageProcessor:
         if isinstance(image, Image.Image):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"{name}: the image is empty ({image.width}x{image.height} pixels)")
+            _loaded(image, name)
             if not self.do_convert_rgb:
                 if image.mode != "RGB":
                     raise ValueError(f"{name}: do_convert_rgb is false, so an RGB image is needed, "

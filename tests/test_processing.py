@@ -137,6 +137,21 @@ def test_load_image_takes_a_pil_image_as_the_reference_does():
         load_image(np.zeros((2, 2, 3), np.uint8))
 
 
+def test_pil_image_whose_file_is_closed_or_cut_short_is_one_line(tmp_path):
+    """Pillow reads pixels lazily: an image used after its `with` block closed the file failed with an empty
+    AssertionError deep in Pillow, a cut-short file with OSError."""
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:-30])
+    with Image.open(tmp_path / "a.png") as closed:
+        pass
+    cut = Image.open(tmp_path / "cut.png")
+    for image in (closed, cut):
+        for read in (ImageProcessor(size=4), load_image):
+            with pytest.raises(ValueError, match="image: cannot read this PIL image's pixels") as excinfo:
+                read(image)
+            assert "\n" not in str(excinfo.value)
+
+
 def test_load_image_applies_exif_orientation():
     """exif_rotated.png is stored 14 wide x 10 high with orientation 6 (rotate 90 degrees clockwise to view)."""
     with Image.open(FIXTURES / "files" / "exif_rotated.png") as stored_image:
