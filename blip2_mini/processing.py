@@ -194,7 +194,8 @@ class ImageProcessor:
 
     Inputs: a PIL image of any mode, a NumPy array (see `array_to_rgb`), a path or URL (see `load_image`), or a
     list of these. A float array in [0, 1] is treated as already scaled to [0, 1]: it gives what the reference
-    gives with `do_rescale=False`. (The reference's default divides such an array by 255 a second time.)
+    gives with `do_rescale=False` (but for an array of only 0s and 1s, see `array_to_rgb`). (The reference's
+    default divides such an array by 255 a second time.)
 
     The defaults are those of the reference class (BLIP's 384 px); BLIP-2 checkpoints set `size` to 224 or 364.
     """
