@@ -38,9 +38,17 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 
 
+# Symbols that Unicode counts as letters (Other_Alphabetic): the circled and squared Latin letters.
+ALPHABETIC_SYMBOLS = ((0x24B6, 0x24E9), (0x1F130, 0x1F149), (0x1F150, 0x1F169), (0x1F170, 0x1F189))
+
+
 def is_word_char(ch: str) -> bool:
-    """`\\w` of the reference's regex engine: letters, marks, digits and connector punctuation."""
-    return ch.isalnum() or unicodedata.category(ch) in ("Mn", "Mc", "Me", "Pc") or ch in "\u200c\u200d"
+    """`\\w` of the reference's regex engine (Rust's, Unicode): alphabetic characters (letters, letter-like
+    numbers such as Roman numerals, the symbols above), marks, decimal digits, connector punctuation and the two
+    joiners. Not other numbers: superscripts, fractions and circled digits are not word characters."""
+    category = unicodedata.category(ch)
+    return (category[0] in "LM" or category in ("Nd", "Nl", "Pc") or ch in "\u200c\u200d"
+            or any(lo <= ord(ch) <= hi for lo, hi in ALPHABETIC_SYMBOLS))
 
 
 @dataclass
@@ -261,7 +269,7 @@ class Tokenizer:
 
     def __call__(self, texts: str | list[str], padding: bool = False, add_special_tokens: bool = True, return_tensors=None):
         """Encode one text or a batch: {"input_ids", "attention_mask"}, padded with the pad id on `padding_side`."""
-        if padding not in (True, False, "longest"):  # "max_length" or "do_not_pad" would be read as True
+        if padding not in (True, False, "longest"):  # "max_length", "do_not_pad" would be read as True
             raise ValueError(f"padding must be True, False or 'longest', got {padding!r}")
         single = isinstance(texts, str)
         batch = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([texts] if single else texts)]

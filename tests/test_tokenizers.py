@@ -12,6 +12,7 @@ every assigned code point, and checks that the reference reads `train_bpe`'s fil
 
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from blip2_mini.bpe import OPT_TOKENIZER_CONFIG, ByteLevelBPETokenizer, split_words, train_bpe
 from blip2_mini.t5_tokenizer import T5Tokenizer
-from blip2_mini.tokenizer import load_tokenizer
+from blip2_mini.tokenizer import is_word_char, load_tokenizer
 from blip2_mini.wordpiece import WordPieceTokenizer
 from tokenizer_files import (
     STRESS_CORPUS,
@@ -379,5 +380,23 @@ def test_live_character_classes_on_every_code_point(tmp_path):
             problems.append(f"bert pre-tokenize {text!r}")
         if ours_charsmap.normalize(ch) != reference_charsmap.normalize_str(ch):
             problems.append(f"sentencepiece normalize {ch!r}")
+    print(f"{len(chars)} code points, {len(problems)} differences")
+    assert not problems, "\n".join(problems[:10])
+
+
+@pytest.mark.live
+def test_live_word_characters_on_every_code_point():
+    """is_word_char decides where an added token with single_word=True may match: as the reference's `\\w` on every
+    assigned code point (a word character right before the token keeps it from matching there)."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import WordLevel
+
+    reference = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    reference.add_tokens([AddedToken("<m>", single_word=True)])
+    token = reference.token_to_id("<m>")
+    chars = assigned_code_points()
+    encoded = reference.encode_batch([f"{ch}<m>" for ch in chars])
+    problems = [f"U+{ord(ch):04X} {unicodedata.name(ch, '?')}: reference {token not in e.ids}, ours {is_word_char(ch)}"
+                for ch, e in zip(chars, encoded) if (token not in e.ids) != is_word_char(ch)]
     print(f"{len(chars)} code points, {len(problems)} differences")
     assert not problems, "\n".join(problems[:10])
