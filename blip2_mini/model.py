@@ -173,7 +173,10 @@ class Blip2(nn.Module):
         else:
             limit, T0 = text_cfg.max_position_embeddings, embeds.shape[1]  # the prompt, image slots included
             if max_new_tokens is None:  # the reference's default: 20 new tokens, the prompt + them within the table
-                max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, limit - T0))
+                max_new_tokens = min(DEFAULT_NEW_TOKENS, limit - T0)
+                if max_new_tokens < 1:
+                    raise ValueError(f"a prompt of {T0} tokens (image slots included) leaves none of the language "
+                                     f"model's {limit} positions for new tokens; shorten the prompt")
             # The last new token is never fed back, so it needs no position (decode checks max_new_tokens' type).
             if isinstance(max_new_tokens, int) and T0 + max_new_tokens - 1 > limit:
                 raise ValueError(f"a prompt of {T0} tokens (image slots included) and {max_new_tokens} new tokens "

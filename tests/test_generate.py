@@ -240,6 +240,10 @@ def test_default_length_ends_with_the_position_table():
         ids = torch.tensor([[model.config.image_token_index] * Q + [2] + [40] * (T0 - Q - 1)])
         out = model.generate(pixel_values, ids, eos_token_id=None)
         assert out.shape == (1, new), T0
+    ids = torch.tensor([[model.config.image_token_index] * Q + [2] + [40] * (limit - Q - 1)])  # fills the table
+    with pytest.raises(ValueError, match=f"a prompt of {limit} tokens .* leaves none of the language model's"):
+        model.generate(pixel_values, ids)  # the reference: max_length = the prompt's length, an error
+    assert model.generate(pixel_values, ids, max_new_tokens=1).shape == (1, 1)  # the last token needs no position
 
 
 def test_right_padded_opt_prompts_are_refused():
