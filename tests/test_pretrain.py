@@ -245,7 +245,7 @@ def test_weight_decay_spares_norms_biases_and_frozen_parameters(world, monkeypat
     train_stage1(Stage1Model(blip2), torch.zeros(1, 10, 32), ["a"], world["tokenizer"], steps=0, quiet=True)
     model = Blip2(tiny_config(world["tokenizer"], text_input=False))
     train_stage2(model, torch.zeros(1, 10, 32), world["items"], world["tokenizer"], steps=0, quiet=True)
-    for optimizer, owner in zip(built, (blip2, model)):
+    for optimizer in built:
         decayed, spared = (group["params"] for group in optimizer.param_groups)
         assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
         assert decayed and all(p.ndim >= 2 for p in decayed) and spared and all(p.ndim < 2 for p in spared)
@@ -285,6 +285,36 @@ def stage1_model(world):
     with torch.no_grad():
         image_embeds = blip2.vision_model(world["pixels"][:3])
     return Stage1Model(blip2).eval(), image_embeds, ids, mask, world["pixels"][:3]
+
+
+@torch.no_grad()
+def test_padding_ids_change_nothing_under_any_mask(stage1_model):
+    """What sits in a padded slot is invisible: other ids there leave every real position (queries and text) of
+    all three passes, and the ITG loss, exactly as they were."""
+    model, image_embeds, ids, mask, _ = stage1_model
+    assert (mask == 0).any()  # three captions of different lengths
+    other = ids.masked_fill(mask == 0, 7)
+    real = torch.cat([torch.ones(len(ids), model.blip2.config.num_query_tokens, dtype=torch.long), mask], 1).bool()
+    for kind in ("unimodal", "bidirectional", "multimodal_causal"):
+        a, b = model.run_qformer(image_embeds, ids, mask, kind), model.run_qformer(image_embeds, other, mask, kind)
+        assert torch.equal(a[real], b[real]), kind
+    assert torch.equal(model.itg_loss(image_embeds, ids, mask), model.itg_loss(image_embeds, other, mask))
+
+
+def test_stage2_scores_the_answer_and_eos_only(world):
+    """Stage-2 labels: the image slots, BOS and a question are context (-100); the caption or the answer, and
+    one EOS, are scored."""
+    from blip2_mini.pretrain.stage2 import stage2_example
+
+    tok, Q, image_id = world["tokenizer"], 3, len(world["tokenizer"]) - 1
+    ids, labels = stage2_example(tok, Q, image_id, "", "a red circle")
+    caption = tok.encode("a red circle", add_special_tokens=False) + [tok.eos_token_id]  # right after BOS
+    assert ids == [image_id] * Q + [tok.bos_token_id] + caption and labels == [-100] * (Q + 1) + caption
+    prompt = "Question: what colour is it? Answer:"
+    ids, labels = stage2_example(tok, Q, image_id, prompt, "red")
+    answer = tok.encode(" red", add_special_tokens=False) + [tok.eos_token_id]
+    context = [image_id] * Q + tok.encode(prompt)
+    assert ids == context + answer and labels == [-100] * len(context) + answer
 
 
 @torch.no_grad()
