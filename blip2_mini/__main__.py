@@ -251,10 +251,6 @@ def end_progress_line():
         print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-def family_of(model):
-    return "t5" if model.is_encoder_decoder else "opt"
-
-
 # ---- commands --------------------------------------------------------------------------------------------
 
 
@@ -309,7 +305,7 @@ def cmd_vqa(args):
         return 1
     model, processor = load_checkpoint(args)
     try:
-        prompt = chat_prompt([tuple(turn) for turn in args.history], args.question, family_of(model))
+        prompt = chat_prompt([tuple(turn) for turn in args.history], args.question, model)
     except ValueError as e:
         raise UsageError(str(e)) from None
     inputs = processor(images=[loaded[0][1]], text=[prompt], return_tensors="pt")

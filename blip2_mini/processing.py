@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .tokenizer import check_padding
+
 # OpenAI CLIP's per-channel statistics (RGB order), kept by EVA-CLIP and written in every BLIP-2 checkpoint.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -493,8 +495,7 @@ class Blip2Processor:
         """
         if images is None and text is None:
             raise ValueError("give images, text or both")
-        if padding not in (True, False, "longest"):
-            raise ValueError(f"padding must be True, False or 'longest', got {padding!r}")
+        check_padding(padding)  # here too: with images alone the tokenizer is not called
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         out = ProcessorOutput()

@@ -38,6 +38,13 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 
 
+def check_padding(padding):
+    """The padding values implemented here (pad to the longest, or not at all); transformers' other names would
+    be truthy strings, "do_not_pad" included, so they are refused rather than read as True."""
+    if padding not in (True, False, "longest"):
+        raise ValueError(f"padding must be True, False or 'longest', got {padding!r}")
+
+
 # Symbols that Unicode counts as letters (Other_Alphabetic): the circled and squared Latin letters.
 ALPHABETIC_SYMBOLS = ((0x24B6, 0x24E9), (0x1F130, 0x1F149), (0x1F150, 0x1F169), (0x1F170, 0x1F189))
 
@@ -269,8 +276,7 @@ class Tokenizer:
 
     def __call__(self, texts: str | list[str], padding: bool = False, add_special_tokens: bool = True, return_tensors=None):
         """Encode one text or a batch: {"input_ids", "attention_mask"}, padded with the pad id on `padding_side`."""
-        if padding not in (True, False, "longest"):  # "max_length", "do_not_pad" would be read as True
-            raise ValueError(f"padding must be True, False or 'longest', got {padding!r}")
+        check_padding(padding)
         single = isinstance(texts, str)
         batch = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([texts] if single else texts)]
         masks = [[1] * len(ids) for ids in batch]

@@ -318,7 +318,6 @@ def test_processor_and_model_must_agree_on_the_image_slots(tmp_path):
         blip2_mini.load(directory, progress=False)
 
 
-
 def test_json_output_has_a_record_for_every_image_including_failures(capsys, tmp_path):
     for n in reference("opt-pipeline")["images"]:
         shutil.copy(EXAMPLES / n, tmp_path / n)
